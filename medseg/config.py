@@ -42,9 +42,8 @@ class DataConfig(_Section):
     ct_window: tuple[float, float] = (400.0, 40.0)  # (width, level) when intensity == ct_window
     context_slices: int = 0  # 2.5D: k neighbours on each side -> (2k+1)*channels input channels (3D only)
     patch_size: tuple[int, int] = (256, 256)  # training crop (reflect-padded when an image is smaller)
-    val_fraction: float = 0.2
-    folds: int = 5
-    fold: int | None = None  # which k-fold split is validation; None -> seeded train/val split
+    folds: int = 5  # seeded (grouped) k-fold split; train/val uses fold `fold` as validation
+    fold: int = 0
     split_seed: int = 0
     split_file: Path | None = None  # default: <out>/splits.json
     group_column: str | None = None  # datalist column that keeps correlated images in one fold

@@ -1,0 +1,126 @@
+"""Find (image, mask[, instances]) cases: by file stem in images/ + masks/ folders, or from a CSV/JSON datalist."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from medseg.errors import DatasetError
+
+# Suffixes medseg reads as single-file scans; DICOM series are folders (one case per sub-folder).
+SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".zip")
+
+
+def scan_stem(path: Path) -> str:
+    """File name without its scan suffix (``a.nii.gz`` -> ``a``); folders keep their name."""
+    name = path.name
+    for suffix in SCAN_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.is_file() else name
+
+
+def _is_scan(path: Path) -> bool:
+    if path.name.startswith("."):
+        return False
+    return path.is_dir() or any(path.name.lower().endswith(s) for s in SCAN_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labeled (or unlabeled) example. ``id`` is the file stem: never patient data by construction."""
+
+    id: str
+    image: Path
+    mask: Path | None = None
+    instances: Path | None = None
+    group: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {k: (str(v) if v is not None else None) for k, v in asdict(self).items()}
+
+
+def _index_by_stem(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if _is_scan(p):
+            stem = scan_stem(p)
+            if stem in found:
+                raise DatasetError(f"{folder}: two files share the stem {stem!r} ({found[stem].name}, {p.name})")
+            found[stem] = p
+    return found
+
+
+def discover_cases(
+    root: Path,
+    images_dir: str = "images",
+    masks_dir: str = "masks",
+    instances_dir: str | None = None,
+    require_masks: bool = True,
+) -> list[Case]:
+    """Pair ``root/images/<stem>.*`` with ``root/masks/<stem>.*`` (and instance maps when asked)."""
+    root = Path(root)
+    img_folder = root / images_dir
+    if not img_folder.is_dir():
+        raise DatasetError(f"{root}: no {images_dir}/ folder (expected {images_dir}/ and {masks_dir}/ with matching stems)")
+    images = _index_by_stem(img_folder)
+    if not images:
+        raise DatasetError(f"{img_folder}: empty dataset (no supported scans found)")
+    masks = _index_by_stem(root / masks_dir) if (root / masks_dir).is_dir() else {}
+    instances = _index_by_stem(root / instances_dir) if instances_dir and (root / instances_dir).is_dir() else {}
+    if require_masks:
+        missing = [images[s].name for s in images if s not in masks]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise DatasetError(
+                f"{img_folder}: image without mask: {', '.join(missing[:3])}{more} — expected {root / masks_dir}/<same stem>.*"
+            )
+    return [Case(id=s, image=p, mask=masks.get(s), instances=instances.get(s)) for s, p in images.items()]
+
+
+def read_datalist(path: Path) -> list[Case]:
+    """Read an explicit datalist: CSV with columns ``image, mask[, instances, group, id]`` or a JSON list of
+    such objects (MONAI-style ``{"training": [...]}`` also accepted). Relative paths resolve against the file."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            rows = data.get("training", data) if isinstance(data, dict) else data
+        else:
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path.name}: cannot read datalist ({e})") from None
+    if not isinstance(rows, list) or not rows:
+        raise DatasetError(f"{path.name}: empty dataset (datalist has no rows)")
+    cases = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not row.get("image"):
+            raise DatasetError(f"{path.name}: row {i + 1} has no 'image' entry")
+
+        def resolve(key: str, row: dict = row) -> Path | None:
+            v = row.get(key)
+            return (path.parent / v).resolve() if v else None
+
+        image = resolve("image")
+        assert image is not None
+        cases.append(
+            Case(
+                id=str(row.get("id") or scan_stem(image)),
+                image=image,
+                mask=resolve("mask") or resolve("label"),
+                instances=resolve("instances"),
+                group=str(row["group"]) if row.get("group") not in (None, "") else None,
+            )
+        )
+    ids = [c.id for c in cases]
+    if len(set(ids)) != len(ids):
+        raise DatasetError(f"{path.name}: case ids are not unique")
+    return cases
+
+
+def attach_groups(cases: list[Case], groups: dict[str, str]) -> list[Case]:
+    """Cases with ``group`` filled from an id -> group mapping (e.g. an index.csv column)."""
+    return [Case(c.id, c.image, c.mask, c.instances, groups.get(c.id, c.group)) for c in cases]

@@ -1,0 +1,81 @@
+"""Training callbacks: per-epoch metrics.csv and progress.png (learning curves) beside the checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class LearningCurves(L.Callback):
+    """After every validation: append the epoch's numbers to ``metrics.csv`` and redraw ``progress.png``
+    (train/val loss, val Dice, learning rate). Survives resume: existing rows are read back."""
+
+    FIELDS = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.rows: list[dict[str, float]] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.out_dir / "metrics.csv"
+        if path.exists() and trainer.current_epoch > 0:
+            with path.open() as f:
+                self.rows = [
+                    {k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if int(float(r["epoch"])) < trainer.current_epoch
+                ]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        row = {
+            "epoch": float(trainer.current_epoch),
+            "train_loss": float(m.get("train_loss_epoch", math.nan)),
+            "val_loss": float(m.get("val_loss", math.nan)),
+            "val_dice": float(m.get("val_dice", math.nan)),
+            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan,
+        }
+        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        self._write()
+
+    def _write(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / ".metrics.csv.tmp"
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.FIELDS)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.out_dir / "metrics.csv")
+        plot_learning_curves(self.rows, self.out_dir / "progress.png")
+
+
+def plot_learning_curves(rows: list[dict[str, float]], path: Path) -> None:
+    epochs = [r["epoch"] + 1 for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+    axes[0].plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(epochs, [r["val_dice"] for r in rows], "o-", color="tab:green")
+    axes[1].set_title("val Dice (foreground mean)")
+    axes[1].set_ylim(0, 1)
+    axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:purple")
+    axes[2].set_title("learning rate (end of epoch)")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,84 @@
+"""SegModule: the LightningModule — model, loss, metrics, optimiser and schedule from config; nothing else.
+
+Lightning's Trainer owns the loop, precision, accumulation, clipping, checkpointing and resume.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medseg.config import ExperimentConfig
+from medseg.engine.schedules import build_schedule
+from medseg.inference.tiling import predict_logits_case
+from medseg.losses import build_loss
+from medseg.metrics import per_label_metrics
+from medseg.models import build_model
+from medseg.models.transfer import apply_transfer_strategy, param_groups, unfreeze_for_epoch
+
+
+class SegModule(L.LightningModule):
+    def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model if model is not None else build_model(cfg.model, cfg.data.input_channels, cfg.data.num_classes)
+        apply_transfer_strategy(self.model, cfg.model)
+        self.loss_fn = build_loss(cfg.loss)
+        self._val_rows: list[dict[str, float]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # ------------------------------------------------------------------------------------------- train
+    def on_train_epoch_start(self) -> None:
+        if self.cfg.model.transfer == "gradual_unfreeze":
+            unfreeze_for_epoch(self.model, self.current_epoch, self.cfg.model.unfreeze_at_epochs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch["image"])
+        loss = self.loss_fn(logits, batch["label"], batch.get("weight"))
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    # -------------------------------------------------------------------------------------------- val
+    def validation_step(self, case: dict, batch_idx: int) -> None:
+        logits = predict_logits_case(self.model, case["image"].to(self.device), self.cfg.data.context_slices, self.cfg.inference)
+        logits = logits.to(self.device)
+        label = case["label"].to(self.device)
+        loss = F.cross_entropy(logits[None], label[None])
+        pred = logits.argmax(0).cpu().numpy()
+        metrics = per_label_metrics(pred, label.cpu().numpy(), self.cfg.data.num_classes, hd95=False)
+        row = {"val_loss": float(loss), **{f"dice_{k}": m["dice"] for k, m in metrics.items()}}
+        row["val_dice"] = float(np.mean([m["dice"] for m in metrics.values()]))
+        self._val_rows.append(row)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_rows:
+            return
+        keys = self._val_rows[0].keys()
+        means = {k: float(np.nanmean([r[k] for r in self._val_rows])) for k in keys}
+        self._val_rows.clear()
+        for k, v in means.items():
+            self.log(k, v, prog_bar=k == "val_dice", sync_dist=True)
+
+    # --------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        t = self.cfg.train
+        lr = t.lr * (t.batch_size * t.accumulate_grad_batches / t.base_batch_size if t.scale_lr_with_batch else 1.0)
+        groups = param_groups(self.model, lr, t.weight_decay, self.cfg.model.encoder_lr_mult, t.no_decay_on_bias_norm)
+        if t.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov)
+        elif t.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=lr)
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        params = dict(t.schedule_params)
+        if t.schedule in ("cosine", "linear"):
+            params.setdefault("min_ratio", t.min_lr_ratio)
+        schedule = build_schedule(t.schedule, total, int(round(t.warmup_epochs * steps_per_epoch)), **params)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

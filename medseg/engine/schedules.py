@@ -1,0 +1,88 @@
+"""Learning-rate schedules as pure functions of the optimisation step.
+
+Each SCHEDULES entry builds ``factor(step) -> float`` (multiplier of the base LR) from the total number of
+steps and its own parameters; ``with_warmup`` adds a linear warmup from 0 in front of any of them. They
+are plugged into ``torch.optim.lr_scheduler.LambdaLR`` stepped every optimisation step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from medseg.registry import Registry
+
+Schedule = Callable[[int], float]
+SCHEDULES: Registry[Callable[..., Schedule]] = Registry("schedule")
+
+
+@SCHEDULES.register("constant")
+def constant(total_steps: int) -> Schedule:
+    return lambda step: 1.0
+
+
+@SCHEDULES.register("step")
+def step_decay(total_steps: int, step_size: int | None = None, gamma: float = 0.1) -> Schedule:
+    """Multiply by ``gamma`` every ``step_size`` steps (default: a third of the run)."""
+    size = step_size or max(1, total_steps // 3)
+    return lambda step: gamma ** (step // size)
+
+
+@SCHEDULES.register("linear")
+def linear(total_steps: int, min_ratio: float = 0.0) -> Schedule:
+    return lambda step: min_ratio + (1 - min_ratio) * max(0.0, 1 - step / max(1, total_steps))
+
+
+@SCHEDULES.register("poly")
+def poly(total_steps: int, power: float = 0.9) -> Schedule:
+    """nnU-Net's polynomial decay: (1 - step/total)^0.9."""
+    return lambda step: max(0.0, 1 - step / max(1, total_steps)) ** power
+
+
+@SCHEDULES.register("cosine")
+def cosine(total_steps: int, min_ratio: float = 0.01) -> Schedule:
+    return lambda step: min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+@SCHEDULES.register("invsqrt")
+def inverse_sqrt(total_steps: int, timescale: int = 100) -> Schedule:
+    """1/sqrt(1 + step/timescale): slow decay without a fixed horizon."""
+    return lambda step: 1.0 / math.sqrt(1 + step / timescale)
+
+
+def sgdr_cycle_ends(total_steps: int, t0: int, t_mult: int = 1) -> list[int]:
+    """Steps (exclusive ends) at which SGDR cycles finish within ``total_steps``: snapshot points."""
+    ends, start, length = [], 0, t0
+    while start + length <= total_steps:
+        ends.append(start + length)
+        start += length
+        length *= t_mult
+    return ends
+
+
+@SCHEDULES.register("sgdr")
+def sgdr(total_steps: int, t0: int | None = None, t_mult: int = 1, min_ratio: float = 0.01) -> Schedule:
+    """Cosine annealing with warm restarts (Loshchilov & Hutter): cycles of length t0, t0*t_mult, ...
+    ``t0`` defaults to a quarter of the run."""
+    t0 = t0 or max(1, total_steps // 4)
+
+    def factor(step: int) -> float:
+        start, length = 0, t0
+        while step >= start + length:
+            start += length
+            length *= t_mult
+        t = (step - start) / length
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def with_warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
+    """Linear warmup from ~0 to the schedule over ``warmup_steps``; the schedule's own clock starts after it."""
+    if warmup_steps <= 0:
+        return schedule
+    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else schedule(step - warmup_steps)
+
+
+def build_schedule(name: str, total_steps: int, warmup_steps: int = 0, **params: float) -> Schedule:
+    return with_warmup(SCHEDULES.build(name, max(1, total_steps - warmup_steps), **params), warmup_steps)
