@@ -115,6 +115,13 @@ class Scan:
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # meta may hold DICOM headers (patient data): keep it out of logs, tracebacks and test output.
+        return (
+            f"Scan(source={self.source!r}, shape={tuple(self.array.shape)}, dtype={self.array.dtype}, "
+            f"spacing={self.geometry.spacing}, meta_keys={sorted(self.meta)})"
+        )
+
     @property
     def spatial_ndim(self) -> int:
         return self.geometry.ndim

@@ -1,0 +1,367 @@
+"""DICOM series: find them (pydicom headers), check the slice stack, read pixels (SimpleITK).
+
+pydicom reads headers only (``stop_before_pixels``) to group files by SeriesInstanceUID and order slices by
+their position along the slice normal; SimpleITK's ImageSeriesReader (GDCM) then decodes the pixels in that
+order, including compressed transfer syntaxes such as JPEG 2000, and applies Rescale Slope/Intercept, so CT
+comes back in Hounsfield units. The headers stay in ``Scan.meta["dicom_datasets"]`` (no pixel data), which is
+what a DICOM SEG writer needs, so nothing depends on the files surviving (e.g. a zip's temporary folder).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+
+from medseg.errors import ScanReadError, UnsupportedFormatError
+from medseg.io.checks import MAX_VOXELS, ScanReadWarning, check_pixel_count, safe_reason
+from medseg.io.formats import SUFFIX_FORMATS, ScanFormat, full_suffix, has_dicom_magic
+from medseg.io.geometry import Geometry, Scan
+
+# Objects that are DICOM but not images to segment.
+NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "PR", "SR", "KO", "REG", "DOC"})
+
+# Slice-gap tolerances: relative to the median gap, plus an absolute floor for rounding in headers (mm).
+MISSING_SLICE_FACTOR = 1.5
+UNIFORM_SPACING_TOLERANCE = 0.01
+SPACING_ABS_TOLERANCE_MM = 1e-3
+
+
+class MultipleSeriesError(ScanReadError):
+    """Several DICOM series were found and none was chosen; ``series`` lists them for the caller."""
+
+    def __init__(self, message: str, series: list[DicomSeriesInfo]):
+        super().__init__(message)
+        self.series = series
+
+
+@dataclass(frozen=True)
+class DicomSeriesInfo:
+    """One DICOM series found in a source. Holds no patient identifiers (safe to log and show).
+
+    ``uid`` is the SeriesInstanceUID ("" when the files carry none) and is what ``read_scan(series_uid=...)``
+    takes. ``size`` is the in-plane ``(rows, columns)``. ``files`` are the slice files in stack order (member
+    paths inside the archive for a zip source); they are left out of ``repr`` because folder names may
+    name patients.
+    """
+
+    uid: str
+    description: str
+    modality: str
+    num_slices: int
+    size: tuple[int, int]
+    series_number: int | None = None
+    files: tuple[Path, ...] = field(default=(), repr=False, compare=False)
+
+    def __str__(self) -> str:
+        uid = self.uid or "'' (no SeriesInstanceUID)"
+        rows, cols = self.size
+        return (
+            f"{uid}: {self.modality or '?'} {self.description!r}, {self.num_slices} slices of {rows}x{cols}"
+        )
+
+
+@dataclass
+class _Series:
+    uid: str
+    files: list[Path]
+    datasets: list[Dataset]
+
+    def info(self) -> DicomSeriesInfo:
+        first = self.datasets[0]
+        number = first.get("SeriesNumber")
+        return DicomSeriesInfo(
+            uid=self.uid,
+            description=str(first.get("SeriesDescription", "") or ""),
+            modality=str(first.get("Modality", "") or ""),
+            num_slices=len(self.files),
+            size=(int(first.get("Rows", 0) or 0), int(first.get("Columns", 0) or 0)),
+            series_number=int(number) if number not in (None, "") else None,
+            files=tuple(self.files),
+        )
+
+
+def looks_like_dicom_candidate(path: Path) -> bool:
+    """Files worth a pydicom header read: DICOM suffixes, unknown suffixes (``IM0001``, ``1.2.3.4``) and
+    anything with the ``DICM`` magic. Known non-DICOM formats are skipped cheaply."""
+    fmt = SUFFIX_FORMATS.get(full_suffix(path))
+    return fmt is None or fmt == ScanFormat.dicom or has_dicom_magic(path)
+
+
+def read_dicom_header(path: Path) -> Dataset | None:
+    """The header of an image-bearing DICOM file, or None for anything else (non-DICOM, SR, DICOMDIR...)."""
+    # Only files named like DICOM are forced: some writers omit the 128-byte preamble.
+    force = SUFFIX_FORMATS.get(full_suffix(path)) == ScanFormat.dicom
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=force)
+    except Exception:  # anything pydicom cannot parse is "not a DICOM image" to us
+        return None
+    if "Rows" not in ds or "Columns" not in ds:
+        return None
+    if str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
+        return None
+    return ds
+
+
+def discover_series(files: Iterable[Path]) -> tuple[list[_Series], list[Path]]:
+    """Group DICOM image files by SeriesInstanceUID, slices in stack order.
+
+    Returns ``(series, unreadable)`` where ``unreadable`` are files named ``.dcm`` that pydicom could not parse.
+    """
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    unreadable: list[Path] = []
+    for path in files:
+        ds = read_dicom_header(path)
+        if ds is None:
+            if SUFFIX_FORMATS.get(full_suffix(path)) == ScanFormat.dicom:
+                unreadable.append(path)
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        groups.setdefault(uid, []).append((path, ds))
+    series = []
+    for uid, members in groups.items():
+        members.sort(key=lambda m: _stack_sort_key(m[1], m[0]))
+        series.append(_Series(uid=uid, files=[m[0] for m in members], datasets=[m[1] for m in members]))
+    series.sort(key=lambda s: (s.info().series_number or 0, s.info().description, s.uid))
+    return series, unreadable
+
+
+def _slice_normal(ds: Dataset) -> np.ndarray | None:
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return None
+    row, col = np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float)
+    return np.cross(row, col)
+
+
+def _position_along_normal(ds: Dataset, normal: np.ndarray) -> float | None:
+    ipp = ds.get("ImagePositionPatient")
+    if ipp is None or len(ipp) != 3:
+        return None
+    return float(np.dot(np.asarray(ipp, dtype=float), normal))
+
+
+def _stack_sort_key(ds: Dataset, path: Path) -> tuple[float, float, str]:
+    normal = _slice_normal(ds)
+    position = _position_along_normal(ds, normal) if normal is not None else None
+    instance = ds.get("InstanceNumber")
+    return (
+        position if position is not None else math.inf,
+        float(instance) if instance not in (None, "") else math.inf,
+        path.name,
+    )
+
+
+def choose_series(series: list[_Series], series_uid: str | None, name: str) -> _Series:
+    """The requested series, the only one, or an error listing the choices."""
+    if not series:
+        raise ScanReadError(f"{name}: no DICOM image files found")
+    listing = "; ".join(str(s.info()) for s in series)
+    if series_uid is None:
+        if len(series) == 1:
+            return series[0]
+        raise MultipleSeriesError(
+            f"{name}: {len(series)} DICOM series found; choose one with series_uid= ({listing})",
+            [s.info() for s in series],
+        )
+    for s in series:
+        if s.uid == series_uid:
+            return s
+    raise ScanReadError(f"{name}: no DICOM series with SeriesInstanceUID {series_uid!r} (found: {listing})")
+
+
+def read_dicom_series(series: _Series, name: str, *, max_voxels: int = MAX_VOXELS) -> Scan:
+    """Decode one series into a Scan: ``(z, y, x)`` for several slices, ``(y, x)`` / ``(y, x, 3)`` for one.
+
+    ``meta``: ``dicom_files`` (stack order), ``dicom_datasets`` (headers, same order), ``modality``,
+    ``series_uid``, ``series_description``, ``slice_positions_mm`` (along the slice normal), ``window``
+    ((width, level) of the first slice's VOI window, when present), ``photometric_interpretation``.
+    Missing slices, uneven spacing and gantry tilt are reported with ``ScanReadWarning``.
+    Values are the rescaled stored values (HU for CT); MONOCHROME1 images (bright = low) are not inverted,
+    ``meta["photometric_interpretation"]`` says which convention applies.
+    """
+    datasets = series.datasets
+    first = datasets[0]
+    frames = max(int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets)
+    if frames > 1:
+        raise UnsupportedFormatError(
+            f"{name}: multi-frame DICOM ({frames} frames in one file) is not supported; export a series of "
+            "single-frame files or NIfTI"
+        )
+    rows, cols = int(first.Rows), int(first.Columns)
+    samples = int(first.get("SamplesPerPixel", 1) or 1)
+    check_pixel_count(name, (len(datasets), rows, cols), samples, max_voxels)
+
+    positions: list[float] = []
+    if len(datasets) > 1:
+        if samples > 1:
+            raise UnsupportedFormatError(
+                f"{name}: colour DICOM series ({samples} samples per pixel) is not supported"
+            )
+        positions = _check_stack(datasets, name)
+
+    _check_pixel_data_complete(series.files, name)
+    files = [str(p) for p in series.files]
+    try:
+        if len(files) == 1:
+            image = sitk.ReadImage(files[0])
+            if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+                image = image[:, :, 0]  # one slice: a 2D scan (its 3D position stays in the header)
+        else:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            if _needs_float_output(datasets):
+                reader.SetOutputPixelType(sitk.sitkFloat32)
+            image = reader.Execute()
+    except RuntimeError as e:
+        culprit = _first_undecodable(series.files) if len(files) > 1 else series.files[0]
+        which = culprit.name if culprit is not None else "a slice"
+        raise ScanReadError(
+            f"{name}: cannot decode {which}: corrupt or truncated DICOM pixel data ({safe_reason(e, *series.files)})"
+        ) from None
+
+    array = sitk.GetArrayFromImage(image)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)  # HU need no double precision; halves memory
+    meta: dict[str, Any] = {
+        "format": "dicom",
+        "modality": str(first.get("Modality", "") or ""),
+        "series_uid": series.uid,
+        "series_description": str(first.get("SeriesDescription", "") or ""),
+        "dicom_files": list(series.files),
+        "dicom_datasets": list(datasets),
+        "photometric_interpretation": str(first.get("PhotometricInterpretation", "") or ""),
+    }
+    if positions:
+        meta["slice_positions_mm"] = positions
+    window = _first_window(first)
+    if window is not None:
+        meta["window"] = window
+    return Scan(array=array, geometry=Geometry.from_sitk(image), source=name, meta=meta)
+
+
+def _check_stack(datasets: Sequence[Dataset], name: str) -> list[float]:
+    """Positions along the normal; errors for stacks that cannot form one volume, warnings for gaps."""
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(shapes) > 1:
+        raise UnsupportedFormatError(f"{name}: slices of different sizes in one series ({sorted(shapes)})")
+    normals = [_slice_normal(ds) for ds in datasets]
+    if any(n is None for n in normals) or any(ds.get("ImagePositionPatient") is None for ds in datasets):
+        raise UnsupportedFormatError(
+            f"{name}: slices lack ImagePositionPatient/ImageOrientationPatient, so they cannot be stacked"
+        )
+    normal = normals[0]
+    if any(not np.allclose(n, normal, atol=1e-4) for n in normals):
+        raise UnsupportedFormatError(
+            f"{name}: slices with different orientations in one series (a localizer mixed in?)"
+        )
+    positions = [float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal)) for ds in datasets]
+    gaps = np.diff(positions)  # sorted ascending by discover_series
+    duplicates = int(np.sum(gaps < SPACING_ABS_TOLERANCE_MM))
+    if duplicates:
+        raise UnsupportedFormatError(
+            f"{name}: {duplicates + 1} slices share a position (several echoes/phases/acquisitions in one "
+            "series?); such 4D series are not supported"
+        )
+    median = float(np.median(gaps))
+    tolerance = max(SPACING_ABS_TOLERANCE_MM, UNIFORM_SPACING_TOLERANCE * median)
+    missing = np.flatnonzero(gaps > MISSING_SLICE_FACTOR * median)
+    if missing.size:
+        where = ", ".join(f"{gaps[i]:.2f} mm after slice {i}" for i in missing[:5])
+        count = int(sum(round(gaps[i] / median) - 1 for i in missing))
+        warnings.warn(
+            f"{name}: missing slices: about {count} slice(s) absent (gaps of {where}, expected {median:.2f} mm); "
+            "the volume's slice spacing is an average, so positions and volumes are approximate",
+            ScanReadWarning,
+            stacklevel=2,
+        )
+    elif float(gaps.max() - gaps.min()) > tolerance:
+        warnings.warn(
+            f"{name}: non-uniform slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm between slices); "
+            "the volume uses the average, so positions and volumes are approximate",
+            ScanReadWarning,
+            stacklevel=2,
+        )
+    # Gantry tilt: slices stacked along a direction that is not the slice normal (sheared volume).
+    first_pos = np.asarray(datasets[0].ImagePositionPatient, dtype=float)
+    last_pos = np.asarray(datasets[-1].ImagePositionPatient, dtype=float)
+    stack_direction = last_pos - first_pos
+    length = float(np.linalg.norm(stack_direction))
+    if length > 0 and abs(float(np.dot(stack_direction / length, normal))) < 1 - 1e-4:
+        warnings.warn(
+            f"{name}: slices are sheared (gantry tilt); the volume's geometry ignores the tilt",
+            ScanReadWarning,
+            stacklevel=2,
+        )
+    return positions
+
+
+def _check_pixel_data_complete(files: Sequence[Path], name: str) -> None:
+    """Name the first file whose pixel data is missing or shorter than its header says.
+
+    GDCM's own failure on such a file is slow (seconds per truncated JPEG 2000 slice) and does not say which
+    file it was; a full pydicom read (no decoding) finds it in about a millisecond per file.
+    """
+    for path in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore"
+            )  # pydicom warns "End of file reached..." before dropping the element
+            try:
+                ds = pydicom.dcmread(path)
+            except Exception:  # anything pydicom cannot parse past the header is damaged
+                ds = None
+        pixels = ds.get("PixelData") if ds is not None else None
+        if pixels is None:
+            raise ScanReadError(f"{name}: {path.name} is truncated or corrupt (no complete pixel data)")
+        if not ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian).is_compressed:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+            expected = (
+                int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.get("BitsAllocated", 16)) // 8
+            )
+            if len(pixels) < expected:
+                raise ScanReadError(
+                    f"{name}: {path.name} is truncated ({len(pixels):,} of {expected:,} bytes of pixel data)"
+                )
+
+
+def _first_undecodable(files: Sequence[Path]) -> Path | None:
+    """The first file SimpleITK cannot decode alone (only called after a series failed, to name the file)."""
+    for path in files:
+        try:
+            sitk.ReadImage(str(path))
+        except RuntimeError:
+            return path
+    return None
+
+
+def _needs_float_output(datasets: Sequence[Dataset]) -> bool:
+    """Float output when rescale differs between slices or is fractional: an integer type would truncate."""
+    pairs = {
+        (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)) for ds in datasets
+    }
+    if len(pairs) > 1:
+        return True
+    slope, intercept = next(iter(pairs))
+    return not (float(slope).is_integer() and float(intercept).is_integer())
+
+
+def _first_window(ds: Dataset) -> tuple[float, float] | None:
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    try:
+        center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+        width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (width, center)
