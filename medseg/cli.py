@@ -29,7 +29,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
 def _fail(err: Exception) -> None:
     if STATE["debug"]:
         raise err
-    console.print(f"[red]error:[/red] {err}", highlight=False)
+    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -127,7 +127,9 @@ def predict(
             try:
                 scan = read_scan(item)
                 pred = predictor.predict_scan(scan)
-                write_prediction_outputs(scan, pred, predictor.labels, out, name=_output_stem(item))
+                write_prediction_outputs(
+                    scan, pred, predictor.labels, out, name=_output_stem(item), label_map=predictor.cfg.data.label_map
+                )
             except MedsegError as e:
                 failures.append((item.name, str(e)))
             except Exception as e:  # one broken case must not stop the other 99

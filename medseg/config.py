@@ -101,18 +101,24 @@ class LossConfig(_Section):
     w0: float = 10.0
     sigma: float = 5.0  # pixels, or mm when spacing is known and sigma_in_mm
     sigma_in_mm: bool = False
-    class_weights: list[float] | None = None  # w_c; None -> balanced from frequencies
+    class_weights: list[float] | None = None  # w_c; None -> balanced from per-image class frequencies
+    max_class_weight: float | None = 10.0  # cap w_c: a patch with one tiny object would otherwise weigh thousands
     objects: Literal["instances", "components", "membrane"] = "components"
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
+    dice_batch: bool = True  # Dice over the whole batch: per-sample Dice punishes patches that lack a class
+    dice_include_background: bool = False
+    dice_smooth: float = 1e-5
     dice_weight: float = 1.0
     ce_weight: float = 1.0
 
 
 class AugmentConfig(_Section):
     preset: Literal["none", "light", "default", "heavy"] = "default"
-    mixup: float = 0.0
+    mixup: float = 0.0  # probability per batch (off by default: blended labels are risky for medical masks)
     cutmix: float = 0.0
+    mixup_alpha: float = 0.4
+    cutmix_alpha: float = 1.0
     padding_mode: Literal["reflect", "constant"] = "reflect"
 
 
@@ -186,11 +192,13 @@ class ExperimentConfig(_Section):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def _merge_sections(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge two raw configs section by section. Values inside a section replace the base's whole, dicts
+    included: an experiment's ``label_map`` must not inherit the base's entries."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = {**out[k], **v}
         else:
             out[k] = v
     return out
@@ -211,7 +219,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = raw.pop("base", None)
     if base is not None:
         parent = _read_yaml(path.parent / base, (*seen, path))
-        raw = _deep_merge(parent, raw)
+        raw = _merge_sections(parent, raw)
     # Relative data paths are relative to the file that names them.
     data = raw.get("data")
     if isinstance(data, dict):

@@ -33,10 +33,7 @@ class LoadCased(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        try:
-            scan = read_scan(d["image"])
-        except MedsegError:
-            raise
+        scan = read_scan(d["image"])
         image = prepare_image(scan, self.cfg.data)
         d["image"] = image
         d["spacing"] = np.asarray(scan.geometry.spacing_zyx, dtype=np.float32)
@@ -66,25 +63,49 @@ def case_dicts(cases: list[Case]) -> list[dict[str, Any]]:
     ]
 
 
-def _weight_map_transform(cfg: ExperimentConfig) -> Callable | None:
-    if not cfg.loss.weight_map:
-        return None
-    from medseg.transforms import UNetWeightMapd
+class CaseWeightMapd(MapTransform):
+    """U-Net boundary weight map for a cached case: ``label (*spatial)`` (+ ``instances``) -> ``weight``.
 
-    return UNetWeightMapd(
-        label_key="label", instances_key="instances", objects=cfg.loss.objects, w0=cfg.loss.w0,
-        sigma=cfg.loss.sigma, class_weights=cfg.loss.class_weights,
-        spacing_key="spacing" if cfg.loss.sigma_in_mm else None,
-    )
+    Computed once per case (it lives in the cache), with sigma in mm from the case's spacing when asked.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(keys=["label"])
+        self.loss = cfg.loss
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from medseg.transforms.dictionary import UNetWeightMap
+
+        d = dict(data)
+        objects = self.loss.objects
+        instances = d.get("instances")
+        if objects == "instances" and instances is None:
+            raise DatasetError(f"{d['id']}: loss.objects is 'instances' but the case has no instance map (set data.instances_dir)")
+        transform = UNetWeightMap(
+            w0=self.loss.w0, sigma=self.loss.sigma, class_weights=self.loss.class_weights, objects=objects,
+            spacing=[float(s) for s in d["spacing"]] if self.loss.sigma_in_mm else None,
+            max_class_weight=self.loss.max_class_weight,
+        )
+        inst = instances[None] if objects == "instances" else None
+        d["weight"] = np.asarray(transform(d["label"][None], inst))[0].astype(np.float32)
+        return d
 
 
 def build_case_cache(cases: list[Case], cfg: ExperimentConfig, progress: bool = False) -> CacheDataset:
     """Every case read and preprocessed once (plus its weight map when the loss uses one)."""
     steps: list[Callable] = [LoadCased(cfg)]
-    wm = _weight_map_transform(cfg)
-    if wm is not None:
-        steps.append(wm)
-    return CacheDataset(case_dicts(cases), transform=Compose(steps), cache_rate=1.0, num_workers=0, progress=progress)
+    if cfg.loss.weight_map:
+        steps.append(CaseWeightMapd(cfg))
+    try:
+        return CacheDataset(case_dicts(cases), transform=Compose(steps), cache_rate=1.0, num_workers=0, progress=progress)
+    except RuntimeError as e:
+        # MONAI wraps transform errors in RuntimeError; surface ours (they name the file) unchanged.
+        cause = e
+        while cause is not None and not isinstance(cause, MedsegError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def context_stack(volume: np.ndarray, z: int, k: int) -> np.ndarray:

@@ -71,12 +71,3 @@ def map_labels(mask: Scan, label_map: dict[int, int], image_shape: tuple[int, ..
     lut_keys = np.array(sorted(label_map), dtype=np.int64)
     lut_vals = np.array([label_map[k] for k in lut_keys], dtype=np.int64)
     return lut_vals[np.searchsorted(lut_keys, arr.astype(np.int64))]
-
-
-def input_stats(mean: tuple[float, ...], std: tuple[float, ...], in_channels: int) -> tuple[list[float], list[float]]:
-    """Per-input-channel mean/std for a network whose pretrained stem expects len(mean) channels.
-    RGB stats tile across 2.5D groups of 3; other counts use the channel average."""
-    if in_channels % len(mean) == 0:
-        reps = in_channels // len(mean)
-        return list(mean) * reps, list(std) * reps
-    return [float(np.mean(mean))] * in_channels, [float(np.mean(std))] * in_channels

@@ -19,7 +19,7 @@ from medseg.data.dataset import PatchDataset, WholeCaseDataset, build_case_cache
 from medseg.engine.callbacks import LearningCurves
 from medseg.engine.module import SegModule
 from medseg.errors import ConfigError, DatasetError
-from medseg.transforms import build_augmentation_2d
+from medseg.transforms.augment import build_augmentation_2d
 
 log = logging.getLogger("medseg")
 
@@ -151,7 +151,8 @@ def train(cfg: ExperimentConfig, out_dir: Path, resume: bool = False, progress: 
     train_cache = build_case_cache(train_cases, cfg, progress=progress)
     val_cache = build_case_cache(val_cases, cfg, progress=progress)
     augment = build_augmentation_2d(
-        cfg.augment.preset, cfg.data.patch_size, cfg.data.input_channels, padding_mode=cfg.augment.padding_mode
+        cfg.augment.preset, cfg.data.patch_size, cfg.data.input_channels, padding_mode=cfg.augment.padding_mode,
+        rgb=cfg.data.channels == 3 and cfg.data.context_slices == 0,  # no hue shifts on stacks of gray slices
     )
     train_ds = PatchDataset(train_cache, cfg, augment, cfg.train.samples_per_epoch)
     bs = cfg.train.batch_size

@@ -40,7 +40,7 @@ def write_prediction_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     mask = raw_label_values(pred.mask, label_map) if label_map else pred.mask
-    if scan.is_volume or scan.meta.get("format") in ("nifti", "dicom", "nrrd", "mha"):
+    if scan.is_volume or scan.meta.get("format") in ("nifti", "dicom", "nrrd", "metaimage"):
         written["mask"] = write_mask(mask, scan, out_dir / f"{name}_mask.nii.gz")
     else:
         written["mask"] = write_mask(mask, scan, out_dir / f"{name}_mask.png")

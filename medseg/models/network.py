@@ -107,7 +107,8 @@ class SegmentationNet(nn.Module):
         encoder_name: the resolved smp encoder name.
         in_channels, num_classes, encoder_depth: as built.
         input_mean, input_std: per-input-channel normalisation the encoder's pretrained weights expect on
-            [0, 1] input (``(x - mean) / std``); the wrapper does not apply it, the transforms do.
+            [0, 1] input (``(x - mean) / std``). ``encode`` applies it (non-persistent buffers), so training,
+            the predictor and exported ONNX graphs all see the same normalisation and callers feed [0, 1] input.
         load_report: what `build_model` loaded as initial weights (`medseg.models.pretrained.LoadReport`).
     """
 
@@ -121,6 +122,8 @@ class SegmentationNet(nn.Module):
         self.num_classes = num_classes
         self.encoder_depth = encoder_depth
         self.input_mean, self.input_std = input_normalisation(encoder_name, in_channels)
+        self.register_buffer("_mean", torch.tensor(self.input_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.input_std).view(1, -1, 1, 1), persistent=False)
         self.load_report = None
         self._stage_names: list[list[str]] | None = None
 
@@ -148,6 +151,7 @@ class SegmentationNet(nn.Module):
         shallow copy of the encoder carries the changed depth so concurrent full forwards are unaffected.
         timm-universal encoders compute all stages regardless; the extra features are simply ignored.
         """
+        x = (x - self._mean) / self._std
         encoder = self.encoder
         if depth is not None and depth < self.encoder_depth and hasattr(encoder, "_depth"):
             encoder = copy.copy(encoder)  # shares parameters/submodules; only `_depth` differs
