@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 from PIL import ImageColor
+from scipy.ndimage import binary_erosion
 
 from medseg.io.geometry import Scan
 
@@ -48,12 +49,12 @@ def pick_slice(mask: np.ndarray) -> int:
 def to_display_rgb(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
     """``(y, x)`` or ``(y, x, C)`` -> ``(y, x, 3)`` uint8 for display.
 
-    uint8 is kept as is; other types are scaled from ``window`` = (width, level) (e.g. CT (400, 40)) or from the
-    0.5-99.5 percentiles.
+    RGB uint8 is kept as is (stain colours matter); gray images and other types are scaled from ``window`` =
+    (width, level) (e.g. CT (400, 40)) or from the 0.5-99.5 percentiles, so dim fluorescence stays visible.
     """
     if image.ndim == 3:
         image = image[..., :3] if image.shape[-1] >= 3 else image[..., 0]
-    if image.dtype != np.uint8 or window is not None:
+    if image.dtype != np.uint8 or window is not None or image.ndim == 2:
         values = image.astype(np.float32)
         if window is not None:
             width, level = window
@@ -71,7 +72,7 @@ def render_overlay(
     image: Scan | np.ndarray,
     mask: np.ndarray,
     colors: Mapping[int, ColorSpec] | None = None,
-    alpha: float = 0.5,
+    alpha: float = 0.35,
     *,
     slice_index: int | None = None,
     window: tuple[float, float] | None = None,
@@ -98,4 +99,6 @@ def render_overlay(
     for label, color in label_colors(np.unique(mask), colors).items():
         where = mask == label
         rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(color, dtype=np.float32)
+        # A solid outline keeps the object's extent readable while the translucent fill shows what's beneath.
+        rgb[where & ~binary_erosion(where)] = color
     return rgb.round().astype(np.uint8)

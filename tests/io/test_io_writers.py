@@ -19,6 +19,7 @@ from medseg.io import (
     write_probabilities,
     write_scan,
 )
+from medseg.io.overlay import to_display_rgb
 from medseg.io.writers import atomic_path
 
 
@@ -90,7 +91,8 @@ def test_overlay_colours_foreground_only(dsb_gray: Path, tmp_path: Path) -> None
     rgb = read_scan(out).array
     assert rgb.shape == (*scan.spatial_shape, 3)
     assert (rgb[10:20, 30:40] == (255, 0, 0)).all()
-    np.testing.assert_array_equal(rgb[mask == 0], np.repeat(scan.array[mask == 0][:, None], 3, axis=1))
+    np.testing.assert_array_equal(rgb[mask == 0], to_display_rgb(scan.array)[mask == 0])  # untouched outside
+    assert to_display_rgb(scan.array).max() == 255  # dim gray images are stretched for display
 
 
 def test_volume_overlay_defaults_to_the_slice_with_most_foreground(tmp_path: Path) -> None:
