@@ -34,6 +34,7 @@ class DataConfig(_Section):
     images_dir: str = "images"
     masks_dir: str = "masks"
     instances_dir: str | None = None  # instance maps (0 = background, k = object k), for weight maps/metrics
+    separate_touching: bool = False  # with instance maps: pixels where two objects touch become background
     label_map: dict[int, int] = Field(default_factory=lambda: {0: 0, 255: 1})  # raw mask value -> class index
     labels: dict[int, str] = Field(default_factory=lambda: {0: "background", 1: "foreground"})
     colors: dict[int, str] = Field(default_factory=dict)  # class index -> "#rrggbb" (defaults per index)

@@ -18,7 +18,7 @@ from monai.transforms import Compose, MapTransform
 
 from medseg.config import ExperimentConfig
 from medseg.data.datalist import Case
-from medseg.data.preprocess import map_labels, prepare_image
+from medseg.data.preprocess import map_labels, prepare_image, touching_borders
 from medseg.errors import DatasetError, MedsegError
 from medseg.io import read_scan
 
@@ -46,6 +46,8 @@ class LoadCased(MapTransform):
             if arr.shape != scan.spatial_shape:
                 raise DatasetError(f"{_name(d['instances'])}: instance map shape {arr.shape} != image shape {scan.spatial_shape}")
             d["instances"] = arr.astype(np.int32)
+            if self.cfg.data.separate_touching and "label" in d:
+                d["label"] = np.where(touching_borders(d["instances"]), 0, d["label"])
         for k in ("mask",):
             d.pop(k, None)
         return d

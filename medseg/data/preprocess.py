@@ -71,3 +71,18 @@ def map_labels(mask: Scan, label_map: dict[int, int], image_shape: tuple[int, ..
     lut_keys = np.array(sorted(label_map), dtype=np.int64)
     lut_vals = np.array([label_map[k] for k in lut_keys], dtype=np.int64)
     return lut_vals[np.searchsorted(lut_keys, arr.astype(np.int64))]
+
+
+def touching_borders(instances: np.ndarray) -> np.ndarray:
+    """Boolean mask of object pixels that touch a *different* object (8-neighbourhood) in an instance map.
+
+    Semantic masks made from instance maps fuse touching objects; clearing these pixels restores the thin
+    background gaps that the U-Net paper's weight maps (and any model) need to learn to separate them.
+    """
+    from scipy import ndimage
+
+    inst = instances.astype(np.int64)
+    foreground = inst > 0
+    larger_neighbour = ndimage.maximum_filter(inst, size=3) > inst
+    smaller_neighbour = ndimage.minimum_filter(np.where(foreground, inst, inst.max() + 1), size=3) < inst
+    return foreground & (larger_neighbour | smaller_neighbour)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medseg.config import Intensity
 from medseg.data import Case, discover_cases, load_or_make_splits, make_folds, read_datalist, train_val_ids
 from medseg.data.preprocess import map_labels, normalize_intensity, to_channels
-from medseg.config import Intensity
 from medseg.errors import DatasetError
 from medseg.io import read_scan
 
@@ -84,3 +84,16 @@ def test_channels_and_intensity() -> None:
     assert 0 <= n.min() and n.max() <= 1 and n.max() == 1
     ct = normalize_intensity(np.array([[-1000.0, 40.0, 1000.0]]), Intensity.ct_window, (400, 40))
     assert ct.tolist() == [[0.0, 0.5, 1.0]]
+
+
+def test_touching_borders_open_a_gap_between_touching_objects_only() -> None:
+    from medseg.data.preprocess import touching_borders
+
+    inst = np.zeros((10, 20), np.int64)
+    inst[2:8, 2:10] = 1
+    inst[2:8, 10:16] = 2  # touches 1 along x = 9|10
+    inst[0:2, 17:20] = 3  # isolated
+    border = touching_borders(inst)
+    assert border[2:8, 9].all() and border[2:8, 10].all()
+    assert not border[:, :9].any() and not border[:, 11:].any()
+    assert not border[inst == 0].any()
