@@ -1,0 +1,143 @@
+"""The app's page: banner, sidebar (scan, model), then the result view. Called by ``app/streamlit_app.py``."""
+
+from __future__ import annotations
+
+import logging
+
+import streamlit as st
+
+from app import session
+from app.auth import require_login
+from app.measure import physical_units
+from app.predictors import describe, get_predictor
+from app.settings import load_settings
+from app.sidebar import choose_files, choose_model, model_details, no_model_message
+from app.viewer import results_view
+from medseg.bundle import RESEARCH_NOTICE
+from medseg.errors import MedsegError
+
+log = logging.getLogger("medseg.app")
+
+
+def banner() -> None:
+    # Shown first on every run, above anything the model produced.
+    st.warning(f"**{RESEARCH_NOTICE}** Check every result; this software is not a medical device.",
+               icon=":material/science:")
+
+
+def input_error(message: str) -> None:
+    st.error(message, icon=":material/error:")
+    st.stop()
+
+
+def welcome(settings) -> None:
+    st.subheader("Segment a scan")
+    st.markdown(
+        "Upload a scan in the sidebar: a **PNG, JPG or TIFF** image, a **NIfTI** (`.nii`, `.nii.gz`), NRRD or MHA "
+        "volume, the **files of a DICOM series**, a **DICOM folder**, or a **.zip** of one. "
+        "Optionally add a ground-truth mask to see Dice and HD95.\n\n"
+        "The model's mask appears over the image; move through slices, change the window, hide labels, and "
+        "download the mask (NIfTI on the scan's grid, PNG, or DICOM SEG for DICOM inputs)."
+    )
+    st.caption(settings.limits_text() + " Uploads stay in this session and are deleted when it ends.")
+
+
+def main() -> None:
+    """The whole page, top to bottom (Streamlit reruns it on every interaction outside the viewer fragment)."""
+    st.set_page_config(page_title="medseg · segmentation", page_icon=":material/biotech:", layout="wide")
+    banner()
+    try:
+        settings = load_settings(st.get_option("server.maxUploadSize"))
+    except ValueError as e:
+        input_error(f"The app is misconfigured: {e}")
+        return
+    user = require_login()
+
+    with st.sidebar:
+        st.header("medseg", divider="gray")
+        upload, truth = choose_files(settings)
+        st.subheader("Model")
+        model = choose_model(settings)
+    if model is None:
+        st.info(no_model_message(settings.models_dir), icon=":material/info:")
+        st.stop()
+
+    try:
+        predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path, tta=model.tta)
+    except MedsegError as e:
+        input_error(f"The model cannot be loaded: {e}")
+        return
+    except Exception as e:  # remote service down, corrupt weights: say what, keep the page alive
+        log.warning("model loading failed: %s", type(e).__name__)
+        input_error(f"The model cannot be loaded ({type(e).__name__}). Ask your administrator to check the server.")
+        return
+    with st.sidebar:
+        model_details(describe(predictor, model.bundle))
+
+    if upload is None:
+        welcome(settings)
+        st.stop()
+
+    try:
+        stage = session.staged(upload, settings)
+        series = session.dicom_series(stage, settings)
+    except MedsegError as e:
+        input_error(str(e))
+        return
+
+    series_uid = None
+    if len(series) > 1:
+        # Always drawn while this upload is shown, so the choice persists and can be changed.
+        series_uid = st.selectbox(
+            f"This upload holds {len(series)} DICOM series. Which one should be segmented?",
+            [s.uid for s in series], index=None, placeholder="Choose a series",
+            format_func=lambda uid: next(str(s) for s in series if s.uid == uid),
+            key=f"series_uid_{upload.short_hash}",
+        )
+        if series_uid is None:
+            st.stop()
+    try:
+        loaded = session.read(stage, settings, series_uid)
+    except MedsegError as e:
+        input_error(str(e))
+        return
+    except Exception as e:  # a reader bug on an odd file: name the file, never dump a traceback on the page
+        log.warning("unexpected error reading an upload: %s", type(e).__name__)
+        input_error(f"{stage.upload_name}: could not be read ({type(e).__name__}).")
+        return
+
+    scan = loaded.scan
+    for note in loaded.warnings:
+        st.warning(note, icon=":material/warning:")
+
+    progress = st.progress(0.0, text="Segmenting…")
+    try:
+        result = session.predict(upload, series_uid, loaded, model, settings, progress, user)
+    except MedsegError as e:
+        progress.empty()
+        input_error(str(e))
+        return
+    except Exception as e:  # out of memory, a service gone away: say so in one line, keep the page alive
+        progress.empty()
+        log.warning("segmentation failed: %s", type(e).__name__)
+        input_error(f"{scan.source}: segmentation failed ({type(e).__name__}). Try again, or ask your administrator "
+                    "to check the server's log.")
+        return
+    progress.empty()
+
+    truth_problem = session.attach_truth(result, truth, settings)
+    if truth_problem:
+        st.error(f"Ground truth not used: {truth_problem}", icon=":material/error:")
+
+    st.caption(f"{describe_scan(scan)} · segmented by **{result.info.name}** (weights `{result.info.weights_hash}`) "
+               f"in {result.seconds:.1f} s on {result.info.device}")
+    results_view()
+
+
+def describe_scan(scan) -> str:
+    shape = " × ".join(str(s) for s in scan.spatial_shape)
+    kind = scan.meta.get("modality") or str(scan.meta.get("format", "")).upper()
+    if not physical_units(scan):
+        return f"**{scan.source}** · {kind} · {shape} pixels (the file states no pixel size)"
+    spacing = " × ".join(f"{s:.2f}" for s in scan.geometry.spacing_zyx)
+    return f"**{scan.source}** · {kind} · {shape} {'voxels' if scan.is_volume else 'pixels'} at {spacing} mm"

@@ -1,0 +1,119 @@
+"""One session's path from upload to result, remembered in ``st.session_state`` so every step runs once.
+
+read (per upload and series) -> predict (per upload, series, model, TTA) -> compare (per ground truth).
+Errors caused by the input surface as ``MedsegError`` with a one-line message; the page shows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import streamlit as st
+
+from app.audit import audit_inference, configure_audit_log
+from app.exports import Provenance
+from app.measure import measurement_table
+from app.predictors import describe, get_predictor, run_inference
+from app.results import Result
+from app.settings import AppSettings
+from app.sidebar import ModelChoice
+from app.uploads import ReadResult, StagedUpload, UploadedBytes, read_ground_truth, read_staged
+from medseg.errors import MedsegError
+from medseg.io import DicomSeriesInfo
+
+INFERENCE_RUNS = "inference_runs"  # how many times this session ran a model (tests read it; so can admins)
+
+
+def staged(upload: UploadedBytes, settings: AppSettings) -> StagedUpload:
+    """The upload on disk, written once per upload; the previous upload's folder is deleted."""
+    current: StagedUpload | None = st.session_state.get("_staged")
+    if current is not None and current.upload.sha256 == upload.sha256:
+        return current
+    if current is not None:
+        current.close()
+        st.session_state.pop("_staged", None)
+    for key in ("_read", "_series", "result"):
+        st.session_state.pop(key, None)
+    new = StagedUpload(upload, settings)
+    st.session_state["_staged"] = new
+    return new
+
+
+def read(stage: StagedUpload, settings: AppSettings, series_uid: str | None) -> ReadResult:
+    """The scan (read once per upload and series)."""
+    key = (stage.upload.sha256, series_uid)
+    cached = st.session_state.get("_read")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = read_staged(stage, settings, series_uid)
+    st.session_state["_read"] = (key, result)
+    return result
+
+
+def dicom_series(stage: StagedUpload, settings: AppSettings) -> list[DicomSeriesInfo]:
+    """The DICOM series in the upload (none for other formats), listed once per upload."""
+    cached = st.session_state.get("_series")
+    if cached is not None and cached[0] == stage.upload.sha256:
+        return cached[1]
+    found = stage.dicom_series(settings)
+    st.session_state["_series"] = (stage.upload.sha256, found)
+    return found
+
+
+def predict(
+    upload: UploadedBytes,
+    series_uid: str | None,
+    loaded: ReadResult,
+    model: ModelChoice,
+    settings: AppSettings,
+    progress: Any,
+    user: str | None = None,
+) -> Result:
+    """The segmentation of ``loaded.scan``: reused when nothing that affects it changed, else computed,
+    audited and remembered. ``progress``: an ``st.progress`` element to update."""
+    predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path, tta=model.tta)
+    info = describe(predictor, model.bundle)
+    key = (upload.sha256, series_uid, settings.inference_url or str(model.bundle_path), info.weights_hash, model.tta)
+    current: Result | None = st.session_state.get("result")
+    if current is not None and current.key == key:
+        return current
+    started = time.perf_counter()
+    prediction = run_inference(
+        predictor, loaded.scan, lambda f: progress.progress(f, text=f"Segmenting… {f:.0%}"), tta=model.tta
+    )
+    seconds = time.perf_counter() - started
+    st.session_state[INFERENCE_RUNS] = st.session_state.get(INFERENCE_RUNS, 0) + 1
+    audit_inference(
+        configure_audit_log(settings.audit_log), input_sha256=upload.sha256, model_name=info.name,
+        weights_hash=info.weights_hash, tta=model.tta, device=info.device, seconds=seconds, remote=info.remote, user=user,
+    )
+    result = Result(
+        key=key, scan=loaded.scan, prediction=prediction, info=info,
+        provenance=Provenance(info.name, info.version or info.weights_hash, info.weights_hash, upload.sha256),
+        seconds=seconds, read_warnings=loaded.warnings,
+    )
+    st.session_state["result"] = result
+    return result
+
+
+def attach_truth(result: Result, truth: tuple[str, bytes] | None, settings: AppSettings) -> str:
+    """Read the ground truth for ``result`` (once per file) and add Dice/HD95 to its table.
+
+    Returns "" or the reason the file cannot serve as ground truth (shown by the page; the result stays usable).
+    """
+    marker = (truth[0], hashlib.sha256(truth[1]).hexdigest()) if truth else None
+    if result.truth_marker == marker and result.table is not None:
+        return result.truth_error
+    result.truth, result.truth_name, result.truth_error, result.truth_marker = None, "", "", marker
+    if truth is not None:
+        try:
+            result.truth = read_ground_truth(
+                truth[0], truth[1], result.scan, result.info.labels, result.info.label_map, settings
+            )
+            result.truth_name = truth[0]
+        except MedsegError as e:
+            result.truth_error = str(e)
+    result.table = measurement_table(result.scan, result.mask, result.info.labels, result.truth)
+    return result.truth_error

@@ -1,0 +1,120 @@
+"""Sidebar widgets: which model, which TTA mode, which files. Each function draws widgets and returns values."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from app.predictors import TTA_LABELS, TTA_MODES, ModelInfo, list_bundles, load_bundle_cached
+from app.settings import AppSettings
+from app.uploads import MASK_TYPES, SCAN_TYPES, UploadedBytes
+from medseg.bundle import Bundle
+from medseg.errors import MedsegError
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    bundle_path: Path | None  # None: the remote service
+    bundle: Bundle | None
+    tta: str
+
+
+def no_model_message(models_dir: Path) -> str:
+    return (
+        f"**No model found in `{models_dir}`.** The app needs a model bundle to segment scans.\n\n"
+        "* Try the demo: run `make demo` in the medseg folder; it trains a small nuclei model and copies it to "
+        "`models/demo-nuclei`.\n"
+        "* Or train on your data: `medseg train configs/experiments/<experiment>.yaml --data <dataset> --out "
+        "outputs/<name>`, then copy `outputs/<name>/bundle` to `models/<name>`.\n"
+        "* Or start the app on another folder: `medseg app --models <folder>`, then reload this page."
+    )
+
+
+def choose_model(settings: AppSettings) -> ModelChoice | None:
+    """Model picker; None (with the reason shown) when there is nothing to choose."""
+    if settings.inference_url:
+        st.caption("The model runs on the inference service configured by the administrator.")
+        return ModelChoice(None, None, _choose_tta())
+    bundles = list_bundles(settings.models_dir)
+    if not bundles:
+        return None
+    path = st.selectbox(
+        "Model bundle", bundles, format_func=lambda p: p.name.removesuffix(".zip"), key="model_path",
+        label_visibility="collapsed",  # under the sidebar's "Model" heading
+    )
+    try:
+        bundle = load_bundle_cached(path)
+    except MedsegError as e:
+        st.error(f"This model cannot be loaded: {e}")
+        return None
+    return ModelChoice(path, bundle, _choose_tta())
+
+
+def _choose_tta() -> str:
+    return st.selectbox(
+        "Test-time augmentation", TTA_MODES, format_func=TTA_LABELS.get, key="tta",
+        help="Averages predictions over flipped / shifted copies of the scan: smoother masks and uncertainty, "
+        "at 2-8x the run time.",
+    )
+
+
+def _demote_headings(markdown: str, levels: int = 3) -> str:
+    """Model cards start at ``#``; in the sidebar their headings should not outshout the page's."""
+    return re.sub(r"^(#{1,6}) ", lambda m: "#" * min(6, len(m.group(1)) + levels) + " ", markdown, flags=re.M)
+
+
+def model_details(info: ModelInfo) -> None:
+    """Identity of the model that segments (name, version, weights hash, device) and its model card."""
+    if info.description:
+        st.caption(info.description)
+    st.caption(
+        f"Version: {f'`{info.version}`' if info.version else 'not recorded in the bundle'}  \n"
+        f"Weights: `{info.weights_hash or 'unknown'}`  \n"
+        f"Runs on: **{info.device}**" + (" (inference service)" if info.remote else "")
+    )
+    if info.model_card:
+        with st.expander("Model card"):
+            st.markdown(_demote_headings(info.model_card))
+
+
+def choose_files(settings: AppSettings) -> tuple[UploadedBytes | None, tuple[str, bytes] | None]:
+    """The scan upload (files, a zip, or a DICOM folder) and the optional ground truth."""
+    st.subheader("Scan")
+    files_tab, folder_tab = st.tabs(["Files", "DICOM folder"])
+    with files_tab:
+        files = st.file_uploader(
+            "Image, volume, DICOM files or .zip", type=list(SCAN_TYPES), accept_multiple_files=True, key="scan_files",
+            max_upload_size=settings.upload_mb,
+            help="One image (PNG, JPG, TIFF), one volume (NIfTI, NRRD, MHA), the files of one DICOM series, "
+            "or a .zip of a DICOM folder.",
+        )
+    with folder_tab:
+        folder = st.file_uploader(
+            "DICOM folder", accept_multiple_files="directory", key="scan_folder",
+            max_upload_size=settings.upload_mb,
+            help="Choose the folder of a DICOM series (sub-folders are included).",
+        )
+    chosen = files or folder or []
+    truth_file = st.file_uploader(
+        "Ground truth mask (optional)", type=list(MASK_TYPES), key="truth_file",
+        max_upload_size=settings.upload_mb,
+        help="A label image on the same grid as the scan, to compare with the model (Dice, HD95).",
+    )
+    st.caption(settings.limits_text())
+    return _remembered_upload(chosen), ((truth_file.name, truth_file.getvalue()) if truth_file is not None else None)
+
+
+def _remembered_upload(chosen: list) -> UploadedBytes | None:
+    """Hash the upload once, not on every rerun (hundreds of MB of DICOM take a second to hash)."""
+    if not chosen:
+        return None
+    ids = tuple(f.file_id for f in chosen)
+    remembered = st.session_state.get("_upload_bytes")
+    if remembered is not None and remembered[0] == ids:
+        return remembered[1]
+    upload = UploadedBytes.from_files([(f.name, f.getvalue()) for f in chosen])
+    st.session_state["_upload_bytes"] = (ids, upload)
+    return upload

@@ -1,0 +1,68 @@
+"""Fixtures for the web app's tests: a tiny untrained model bundle in a models folder, and the app's environment.
+
+The bundle is random-weight (nothing to download, built in about a second): tests check that the app shows, measures
+and exports *whatever the model predicts*, not that the model is good. The browser test trains its own model.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from app_inputs import make_tiny_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+# pytest puts tests/ on sys.path (rootdir conftest), where tests/app would shadow the app package as a namespace
+# package; the repository root must come first.
+if str(REPO) not in sys.path[:1]:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    make_tiny_bundle(folder / "tiny-nuclei")
+    return folder
+
+
+@pytest.fixture
+def app_env(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Environment for one AppTest: the tiny model, an audit log file, no remote service. Returns the log path."""
+    audit = tmp_path / "audit.log"
+    monkeypatch.setenv("MEDSEG_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("MEDSEG_AUDIT_LOG", str(audit))
+    monkeypatch.delenv("MEDSEG_INFERENCE_URL", raising=False)
+    monkeypatch.delenv("MEDSEG_MAX_UPLOAD_MB", raising=False)
+    monkeypatch.delenv("MEDSEG_MAX_VOXELS", raising=False)
+    return audit
+
+
+@pytest.fixture(scope="session")
+def inference_service(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real inference service (``medseg.service``) over the tiny bundle, on a loopback port; yields its URL."""
+    import uvicorn
+
+    from medseg.service.app import create_app
+    from medseg.service.settings import ServiceSettings
+
+    settings = ServiceSettings(work_dir=tmp_path_factory.mktemp("service"), device="cpu")
+    service = create_app(models_dir / "tiny-nuclei", settings)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(service, host="127.0.0.1", port=port, log_config=None, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="medseg-service-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the inference service did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)

@@ -1,0 +1,107 @@
+"""Uploads: limits that agree with each other, temporary files that go away, warnings captured, ground truths."""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from app_inputs import dicom_zip
+
+from app.settings import ZIP_EXPANSION_ALLOWANCE, load_settings
+from app.uploads import StagedUpload, UploadedBytes, UploadError, read_ground_truth, read_staged
+from medseg.errors import ScanReadError, UnsafeArchiveError
+from medseg.io import read_scan
+
+LABELS = {0: {"name": "background"}, 1: {"name": "anterior"}, 2: {"name": "posterior"}}
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch):
+    for name in ("MEDSEG_MAX_UPLOAD_MB", "MEDSEG_MAX_VOXELS"):
+        monkeypatch.delenv(name, raising=False)
+    return load_settings()
+
+
+def test_limits_follow_the_upload_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDSEG_MAX_UPLOAD_MB", "300")
+    monkeypatch.setenv("MEDSEG_MAX_VOXELS", "5000")
+    s = load_settings()
+    assert s.upload_bytes == 300 * 1024**2
+    assert s.archive_limits.max_total_bytes == ZIP_EXPANSION_ALLOWANCE * 300 * 1024**2
+    assert s.max_pixels == 5000
+    assert "300 MB per upload" in s.limits_text() and "1,200 MB unpacked" in s.limits_text()
+    assert load_settings(server_upload_mb=200).upload_mb == 200  # never above Streamlit's own server cap
+    monkeypatch.setenv("MEDSEG_MAX_UPLOAD_MB", "lots")
+    with pytest.raises(ValueError, match="MEDSEG_MAX_UPLOAD_MB='lots' is not a whole number"):
+        load_settings()
+
+
+def test_voxel_cap_refuses_a_large_scan_with_its_name(datasets_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDSEG_MAX_VOXELS", "1000")
+    path = datasets_dir / "msd_hippocampus" / "images" / "hippocampus_001.nii.gz"
+    stage = StagedUpload(UploadedBytes.from_files([(path.name, path.read_bytes())]), load_settings())
+    with pytest.raises(ScanReadError, match=r"^hippocampus_001\.nii\.gz: .*above the cap of 1,000"):
+        read_staged(stage, load_settings())
+    stage.close()
+
+
+def test_too_large_upload_and_mixed_zip_are_refused(settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDSEG_MAX_UPLOAD_MB", "1")
+    big = UploadedBytes.from_files([("a.nii.gz", b"x" * (1024**2 + 1))])
+    with pytest.raises(UploadError, match="above this server's limit of 1 MB"):
+        StagedUpload(big, load_settings())
+    mixed = UploadedBytes.from_files([("a.zip", b"PK"), ("b.dcm", b"DICM")])
+    with pytest.raises(UploadError, match="a.zip: upload a zip on its own"):
+        StagedUpload(mixed, settings)
+
+
+def test_zip_caps_apply_to_uploads(datasets_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDSEG_MAX_UPLOAD_MB", "1")  # so at most 4 MB may come out of a zip
+    # A real label volume, 20 x 512 x 512, stored raw: a 40 kB zip that unpacks to more than 5 MB.
+    raw = gzip.decompress((datasets_dir / "dicom_ct_series" / "model_seg" / "ct.nii.gz").read_bytes())
+    assert len(raw) > 4 * 1024**2
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("seg.nii", raw)
+    data = buf.getvalue()
+    assert len(data) < 1024**2
+    with pytest.raises(UnsafeArchiveError, match="series.zip: uncompressed size exceeds the cap"):
+        StagedUpload(UploadedBytes.from_files([("series.zip", data)]), load_settings())
+
+
+def test_staged_files_are_deleted_with_the_session(datasets_dir: Path, settings) -> None:
+    data = dicom_zip(datasets_dir, range(3))
+    stage = StagedUpload(UploadedBytes.from_files([("ct.zip", data)]), settings)
+    root = stage.root
+    result = read_staged(stage, settings)
+    assert all(Path(f).is_file() for f in result.scan.meta["dicom_files"])  # kept for the DICOM SEG export
+    del stage, result
+    gc.collect()
+    assert not root.exists()  # dropping the session's state removes the files
+
+
+def test_several_dicom_files_with_the_same_name_are_one_series(datasets_dir: Path, settings) -> None:
+    files = sorted((datasets_dir / "dicom_ct_series" / "dicom").glob("*.dcm"))[:3]
+    # A folder upload from two sub-folders can repeat names; each file gets its own folder.
+    upload = UploadedBytes.from_files([(f"a/{i}/IM.dcm", f.read_bytes()) for i, f in enumerate(files)])
+    stage = StagedUpload(upload, settings)
+    assert read_staged(stage, settings).scan.spatial_shape == (3, 512, 512)
+    assert upload.sha256 == UploadedBytes.from_files(list(reversed(upload.files))).sha256  # order-free identity
+    stage.close()
+    assert not stage.root.exists()
+
+
+def test_ground_truth_values_map_like_the_training_masks(datasets_dir: Path, settings) -> None:
+    image = datasets_dir / "msd_hippocampus" / "images" / "hippocampus_001.nii.gz"
+    truth_file = datasets_dir / "msd_hippocampus" / "masks" / "hippocampus_001.nii.gz"
+    scan = read_scan(image)
+    truth = read_ground_truth(truth_file.name, truth_file.read_bytes(), scan, LABELS, {0: 0, 1: 1, 2: 2}, settings)
+    assert np.array_equal(truth, read_scan(truth_file).array)
+    two_class = {0: {"name": "background"}, 1: {"name": "nucleus"}}
+    with pytest.raises(ScanReadError, match=r"hippocampus_001.nii.gz: ground truth holds values \[2\]"):
+        read_ground_truth(truth_file.name, truth_file.read_bytes(), scan, two_class, {0: 0, 255: 1}, settings)
