@@ -30,5 +30,9 @@ lint: setup
 app: setup
 	$(BIN)/medseg app
 
+# Build the Dockerfile on a debootstrap'd bookworm and run the inference service in it (root; see the script).
+docker-smoke: setup
+	bash scripts/docker_smoke.sh
+
 clean:
 	rm -rf outputs .pytest_cache

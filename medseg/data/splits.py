@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def load_or_make_splits(path: Path, cases: list[Case], folds: int, seed: int) ->
             return saved["folds"]
     split = make_folds(cases, folds, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: DDP ranks may write at the same moment
     tmp.write_text(json.dumps({"seed": seed, "folds": split}, indent=1))
     tmp.replace(path)
     return split

@@ -1,5 +1,7 @@
-"""Inference: Predictor, overlap-tile prediction, TTA, ensembles, post-processing. Never imports medseg.engine."""
+"""Inference: Predictor, overlap-tile prediction, TTA, ensembles, post-processing, measurements, outputs
+(masks, probabilities, uncertainty, DICOM SEG) and ONNX export. Never imports medseg.engine."""
 
+from medseg.inference.postprocess import measure, postprocess_mask
 from medseg.inference.predictor import Prediction, Predictor
 
-__all__ = ["Prediction", "Predictor"]
+__all__ = ["Prediction", "Predictor", "measure", "postprocess_mask"]

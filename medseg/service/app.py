@@ -1,0 +1,285 @@
+"""The FastAPI app: upload a scan -> a job; poll the job; fetch its mask, uncertainty and measurements.
+
+```
+POST /v1/segment                 multipart: file (scan; DICOM series as one .zip), tta?, series_uid?  -> 202 {job_id}
+GET  /v1/jobs/{id}               {job_id, status: queued|running|done|failed, progress 0..1, error}
+GET  /v1/jobs/{id}/mask          ?format=nifti|png|dicom-seg  (class indices on the scan's grid)
+GET  /v1/jobs/{id}/uncertainty   ?format=nifti|npz            (normalised entropy in [0, 1])
+GET  /v1/jobs/{id}/report        measurements per label (area mm² for 2D, volume mm³/mL for 3D)
+GET  /v1/models                  the loaded model: name, weights hash, labels, device
+GET  /health                     liveness + queue depth
+GET  /openapi.json, /docs        schema
+```
+Errors are JSON ``{"error": "..."}``: 413 too large, 415 unknown type, 422 unreadable scan, 429 queue full
+(with Retry-After), 404 unknown job, 409 job not done (or failed), 400 a format the job's input does not allow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medseg.bundle import RESEARCH_NOTICE
+from medseg.errors import MedsegError, UnsupportedFormatError
+from medseg.service.jobs import TTA_MODES, Job, JobQueue, JobStatus, QueueFullError
+from medseg.service.limits import BodySizeLimit
+from medseg.service.results import (
+    MASK_DICOM_SEG,
+    MASK_NIFTI,
+    MASK_PNG,
+    REPORT,
+    UNCERTAINTY_NIFTI,
+    MaskFormat,
+    UncertaintyFormat,
+    uncertainty_npz,
+)
+from medseg.service.settings import ServiceSettings
+from medseg.service.uploads import UploadTooLargeError, read_upload, store_upload
+
+log = logging.getLogger("medseg.service")
+
+API_VERSION = "1"
+Tta = Literal["none", "flips", "multicrop", "full"]
+assert set(TTA_MODES) == set(Tta.__args__)  # one list of modes, two spellings (runtime and schema)
+
+# Reading a scan holds it in memory; cap how many requests do that at once (the queue caps the rest).
+_PARALLEL_READS = 4
+
+
+class ErrorOut(BaseModel):
+    error: str
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: JobStatus
+    progress: float = Field(ge=0.0, le=1.0)
+    error: str | None = None
+
+
+class SubmittedOut(BaseModel):
+    job_id: str
+    status: JobStatus
+    status_url: str
+
+
+class LabelOut(BaseModel):
+    name: str
+    color: str
+
+
+class ModelOut(BaseModel):
+    name: str
+    weights_hash: str
+    labels: dict[int, LabelOut]
+    label_map: dict[int, int]
+    num_classes: int
+    input_channels: int
+    context_slices: int
+    device: str
+    default_tta: str
+    tta_modes: list[str]
+    notice: str
+    model_card: str
+    config: dict[str, Any]
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    model: str
+    device: str
+    jobs: dict[str, int]
+    max_queued: int
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 422, 429)}
+
+
+def _model_info(predictor: Any, model_card: str) -> ModelOut:
+    cfg = predictor.cfg
+    config = cfg.model_dump(mode="json")
+    # Server paths of the training data say nothing about the model and may name a site or a person.
+    for key in ("root", "datalist", "split_file"):
+        config["data"][key] = None
+    return ModelOut(
+        name=predictor.name, weights_hash=predictor.weights_hash,
+        labels={int(k): LabelOut(**v) for k, v in predictor.labels.items()},
+        label_map=dict(cfg.data.label_map), num_classes=cfg.data.num_classes,
+        input_channels=cfg.data.input_channels, context_slices=cfg.data.context_slices,
+        device=str(predictor.device), default_tta=str(cfg.inference.tta), tta_modes=list(TTA_MODES),
+        notice=RESEARCH_NOTICE, model_card=model_card, config=config,
+    )
+
+
+def create_app(predictor: Any, settings: ServiceSettings | None = None, model_card: str = "") -> FastAPI:
+    """The service over one loaded model. ``predictor``: a ``Predictor`` or a bundle path (loaded here, once,
+    on ``settings.device``; its model card is served too). The job worker starts with the app, stops with it."""
+    settings = settings or ServiceSettings()
+    if isinstance(predictor, (str, Path)):
+        from medseg.bundle import load_bundle
+        from medseg.inference import Predictor
+
+        bundle = load_bundle(predictor)
+        model_card = model_card or bundle.model_card
+        predictor = Predictor.from_bundle(bundle, device=settings.device)
+    own_work_dir = settings.work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="medseg-service-")) if own_work_dir else Path(settings.work_dir)
+    jobs = JobQueue(predictor, work_dir, settings.max_queued, settings.job_ttl_s, settings.max_jobs)
+    model_info = _model_info(predictor, model_card)
+    reads = threading.BoundedSemaphore(_PARALLEL_READS)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        jobs.start()
+        log.info("serving %s (%s) on %s", model_info.name, model_info.weights_hash, model_info.device)
+        try:
+            yield
+        finally:
+            jobs.stop()
+            if own_work_dir:
+                shutil.rmtree(work_dir, ignore_errors=True)
+
+    app = FastAPI(
+        title="medseg inference service", version=API_VERSION, lifespan=lifespan,
+        description=f"Segment medical scans with one medseg model bundle. {RESEARCH_NOTICE}",
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.state.jobs = jobs
+    app.state.predictor = predictor
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Any, exc: RequestValidationError) -> JSONResponse:
+        # No "input" echoed back: it could be part of an upload.
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
+        return JSONResponse({"error": "invalid request: " + "; ".join(problems)}, status_code=422)
+
+    def finished_job(job_id: str) -> Job:
+        job = jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id} (unknown, or deleted after its time to live)")
+        if job.status == JobStatus.failed:
+            raise HTTPException(409, f"job {job_id} failed: {job.error}")
+        if job.status != JobStatus.done:
+            raise HTTPException(409, f"job {job_id} is {job.status}; poll GET /v1/jobs/{job_id} until it is done")
+        return job
+
+    @app.post("/v1/segment", status_code=202, response_model=SubmittedOut, responses=ERRORS)
+    def segment(
+        file: Annotated[UploadFile, File(description="A scan: NIfTI, NRRD, MHA, PNG/JPEG/TIFF/BMP, DICOM file, or a .zip of a DICOM series")],
+        tta: Annotated[Tta | None, Form(description="Test-time augmentation; default: the bundle's")] = None,
+        series_uid: Annotated[str | None, Form(description="Which DICOM series when the zip holds several")] = None,
+    ) -> JSONResponse:
+        """Queue a scan for segmentation; answers 202 with the job id at once (429 when the queue is full)."""
+        if jobs.is_full():  # cheap refusal before reading anything
+            raise HTTPException(429, "the job queue is full", headers={"Retry-After": str(jobs.retry_after())})
+        job_id, folder = jobs.new_folder()
+        try:
+            with reads:
+                upload = store_upload(file.file, file.filename, folder, settings.max_upload_bytes)
+                try:
+                    scan = read_upload(upload, series_uid)
+                except MedsegError as e:
+                    log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
+                    raise
+            job = jobs.submit(job_id, folder, scan, upload.sha256, tta)
+        except UploadTooLargeError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(413, str(e)) from None
+        except UnsupportedFormatError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(415, str(e)) from None
+        except MedsegError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(422, str(e)) from None
+        except QueueFullError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        url = f"/v1/jobs/{job.id}"
+        body = SubmittedOut(job_id=job.id, status=job.status, status_url=url)
+        return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": url})
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
+    def job_status(job_id: str) -> dict[str, Any]:
+        """Where a job stands: queued, running (with progress), done or failed (with the error)."""
+        job = jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id} (unknown, or deleted after its time to live)")
+        return job.public()
+
+    @app.get("/v1/jobs/{job_id}/mask", responses={**ERRORS, 200: {"content": {
+        "application/gzip": {}, "image/png": {}, "application/dicom": {}}}}, response_class=FileResponse)
+    def job_mask(job_id: str, format: Annotated[MaskFormat, Query()] = MaskFormat.nifti) -> FileResponse:
+        """The mask as class indices on the input's grid: NIfTI (any input), PNG (2D only), DICOM SEG (DICOM only)."""
+        job = finished_job(job_id)
+        if format == MaskFormat.png:
+            if job.is_volume:
+                raise HTTPException(400, "PNG masks are for 2D images; ask for format=nifti")
+            return FileResponse(job.folder / MASK_PNG, media_type="image/png", filename=f"{job_id}_mask.png")
+        if format == MaskFormat.dicom_seg:
+            if not job.is_dicom:
+                raise HTTPException(400, "DICOM SEG needs a DICOM input; ask for format=nifti")
+            if not (job.folder / MASK_DICOM_SEG).is_file():
+                why = json.loads((job.folder / REPORT).read_text()).get("dicom_seg_error", "not written")
+                raise HTTPException(422, f"no DICOM SEG for job {job_id}: {why}")
+            return FileResponse(job.folder / MASK_DICOM_SEG, media_type="application/dicom",
+                                filename=f"{job_id}_seg.dcm")
+        return FileResponse(job.folder / MASK_NIFTI, media_type="application/gzip", filename=f"{job_id}_mask.nii.gz")
+
+    @app.get("/v1/jobs/{job_id}/uncertainty", responses={**ERRORS, 200: {"content": {
+        "application/gzip": {}, "application/octet-stream": {}}}}, response_class=FileResponse)
+    def job_uncertainty(
+        job_id: str, format: Annotated[UncertaintyFormat, Query()] = UncertaintyFormat.nifti
+    ) -> Response:
+        """Per-voxel uncertainty (normalised entropy, 0 = certain, 1 = uniform) as NIfTI or .npz
+        (arrays ``uncertainty`` and ``geometry`` JSON)."""
+        job = finished_job(job_id)
+        if format == UncertaintyFormat.npz:
+            return Response(uncertainty_npz(job.folder), media_type="application/octet-stream",
+                            headers={"Content-Disposition": f'attachment; filename="{job_id}_uncertainty.npz"'})
+        return FileResponse(job.folder / UNCERTAINTY_NIFTI, media_type="application/gzip",
+                            filename=f"{job_id}_uncertainty.nii.gz")
+
+    @app.get("/v1/jobs/{job_id}/report", responses=ERRORS, response_class=FileResponse)
+    def job_report(job_id: str) -> FileResponse:
+        """Measurements per label (voxels; area in mm² for 2D, volume in mm³ and mL for 3D), model and upload hash."""
+        job = finished_job(job_id)
+        return FileResponse(job.folder / REPORT, media_type="application/json")
+
+    @app.get("/v1/models", response_model=ModelsOut)
+    def models() -> ModelsOut:
+        """The model this process serves (one per process)."""
+        return ModelsOut(models=[model_info])
+
+    @app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
+    def health() -> JSONResponse:
+        """Liveness: 200 while the inference worker runs, 503 if it died."""
+        alive = jobs.is_alive()
+        body = HealthOut(status="ok" if alive else "degraded", model=model_info.name, device=model_info.device,
+                         jobs=jobs.counts(), max_queued=settings.max_queued)
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if alive else 503)
+
+    return app

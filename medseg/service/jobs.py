@@ -1,0 +1,208 @@
+"""Jobs: a bounded FIFO worked by one thread that owns the model, and a TTL on everything a job leaves.
+
+One worker thread per process: the model is loaded once and a GPU runs one scan at a time anyway, so more
+threads would only add contention; scale out with more processes/replicas (see README "Scaling").
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import queue
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from medseg.io import Scan
+from medseg.service.results import write_results
+
+log = logging.getLogger("medseg.service")
+
+TTA_MODES = ("none", "flips", "multicrop", "full")
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class QueueFullError(Exception):
+    """No room for another job; ``retry_after`` is a whole-second estimate of when there will be."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the job queue is full; retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    id: str
+    folder: Path
+    sha256: str
+    tta: str | None
+    status: JobStatus = JobStatus.queued
+    progress: float = 0.0
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    is_volume: bool = False
+    is_dicom: bool = False
+    scan: Scan | None = None  # dropped once the result files are written
+
+    def public(self) -> dict[str, Any]:
+        return {"job_id": self.id, "status": str(self.status), "progress": round(self.progress, 4), "error": self.error}
+
+
+class JobQueue:
+    """``submit`` a scan, the worker predicts it and writes the result files into the job's folder.
+
+    ``predictor``: a ``medseg.inference.Predictor`` (or anything with its ``predict_scan``/``cfg``/``labels``).
+    """
+
+    def __init__(self, predictor: Any, work_dir: Path, max_queued: int, job_ttl_s: float, max_jobs: int):
+        self.predictor = predictor
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.job_ttl_s = job_ttl_s
+        self.max_jobs = max_jobs
+        self._pending: queue.Queue[Job] = queue.Queue(maxsize=max_queued)
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._seconds_per_job = 1.0  # running estimate for Retry-After
+        self._takes_progress = "progress" in inspect.signature(predictor.predict_scan).parameters
+        self._thread = threading.Thread(target=self._work, name="medseg-inference", daemon=True)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    # --------------------------------------------------------------------------------------------- API
+
+    def new_folder(self) -> tuple[str, Path]:
+        """A fresh job id and its folder (the upload is stored there before the job exists)."""
+        job_id = uuid.uuid4().hex
+        folder = self.work_dir / job_id
+        folder.mkdir()
+        return job_id, folder
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self._seconds_per_job * (self._pending.qsize() + 1)))
+
+    def is_full(self) -> bool:
+        return self._pending.full()
+
+    def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: str | None) -> Job:
+        """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder``)."""
+        job = Job(job_id, folder, sha256, tta, is_volume=scan.is_volume, is_dicom=scan.meta.get("format") == "dicom",
+                  scan=scan)
+        with self._lock:
+            self._jobs[job.id] = job
+        try:
+            self._pending.put_nowait(job)
+        except queue.Full:
+            with self._lock:
+                self._jobs.pop(job.id, None)
+            raise QueueFullError(self.retry_after()) from None
+        log.info("job %s queued: upload sha256=%s tta=%s", job.id, sha256, tta or "default")
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            out = {str(s): 0 for s in JobStatus}
+            for j in self._jobs.values():
+                out[str(j.status)] += 1
+        return out
+
+    # ---------------------------------------------------------------------------------------- worker
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._pending.get(timeout=1.0)
+            except queue.Empty:
+                self.purge()
+                continue
+            self._run(job)
+            self.purge()
+
+    def _progress(self, job: Job) -> Callable[[float], None]:
+        def report(fraction: float) -> None:
+            job.progress = min(0.95, 0.05 + 0.9 * float(fraction))  # 1.0 only once the files are written
+
+        return report
+
+    def _run(self, job: Job) -> None:
+        start = time.time()
+        job.status, job.progress = JobStatus.running, 0.05
+        scan = job.scan
+        assert scan is not None
+        cfg = self.predictor.cfg.inference
+        default_tta = cfg.tta
+        try:
+            # The worker is the only thread that touches the predictor, so a per-job TTA is a plain swap.
+            if job.tta is not None:
+                cfg.tta = job.tta
+            if self._takes_progress:
+                pred = self.predictor.predict_scan(scan, progress=self._progress(job))
+            else:
+                pred = self.predictor.predict_scan(scan)
+            job.progress = 0.95
+            info = {
+                "job_id": job.id, "upload_sha256": job.sha256, "model": self.predictor.name,
+                "weights_hash": self.predictor.weights_hash, "tta": cfg.tta,
+            }
+            write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info)
+            job.status, job.progress = JobStatus.done, 1.0
+            log.info("job %s done in %.2f s", job.id, time.time() - start)
+        except Exception as e:  # a broken scan or a writer bug fails this job, never the worker
+            job.status, job.error = JobStatus.failed, f"{type(e).__name__}: {e}"
+            log.warning("job %s failed: %s", job.id, type(e).__name__)
+        finally:
+            cfg.tta = default_tta
+            job.scan = None  # free the pixels (and DICOM headers) now; the files stay until the TTL
+            job.finished = time.time()
+            self._seconds_per_job = 0.7 * self._seconds_per_job + 0.3 * (job.finished - start)
+
+    # ------------------------------------------------------------------------------------------- TTL
+
+    def purge(self, now: float | None = None) -> list[str]:
+        """Delete finished jobs older than the TTL, and the oldest finished ones beyond ``max_jobs``."""
+        now = time.time() if now is None else now
+        with self._lock:
+            finished = sorted((j for j in self._jobs.values() if j.finished is not None), key=lambda j: j.finished or 0)
+            expired = [j for j in finished if now - (j.finished or now) > self.job_ttl_s]
+            overflow = max(0, len(self._jobs) - self.max_jobs)
+            for j in finished:
+                if overflow <= len(expired):
+                    break
+                if j not in expired:
+                    expired.append(j)
+            for j in expired:
+                self._jobs.pop(j.id, None)
+        for j in expired:
+            shutil.rmtree(j.folder, ignore_errors=True)
+        if expired:
+            log.info("purged %d finished job(s)", len(expired))
+        return [j.id for j in expired]

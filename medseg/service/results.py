@@ -1,0 +1,87 @@
+"""The files a finished job serves: mask (NIfTI always, PNG for 2D, DICOM SEG for DICOM input), uncertainty
+(NIfTI; .npz made on request) and the measurement report — all on the input scan's grid.
+
+Masks hold class indices (0 = background, 1.. as in ``GET /v1/models`` labels), not the training masks' raw
+values, so every format means the same thing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from medseg.errors import MedsegError
+from medseg.inference.postprocess import measure
+from medseg.io import Geometry, Scan, write_mask
+from medseg.io.volume import write_volume
+
+MASK_NIFTI = "mask.nii.gz"
+MASK_PNG = "mask.png"
+MASK_DICOM_SEG = "mask_seg.dcm"
+UNCERTAINTY_NIFTI = "uncertainty.nii.gz"
+REPORT = "report.json"
+
+
+class MaskFormat(StrEnum):
+    nifti = "nifti"
+    png = "png"
+    dicom_seg = "dicom-seg"
+
+
+class UncertaintyFormat(StrEnum):
+    nifti = "nifti"
+    npz = "npz"
+
+
+def write_results(
+    folder: Path,
+    scan: Scan,
+    mask: np.ndarray,
+    uncertainty: np.ndarray,
+    labels: dict[int, dict[str, str]],
+    info: dict[str, Any],
+) -> dict[str, Path]:
+    """Write a job's result files into ``folder``; ``info`` (model, hashes, options) goes into the report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {"mask_nifti": write_mask(mask, scan, folder / MASK_NIFTI)}
+    if not scan.is_volume:
+        written["mask_png"] = write_mask(mask, scan, folder / MASK_PNG)
+    dicom_seg_error = None
+    if scan.meta.get("format") == "dicom":
+        from medseg.inference.dicom_seg import write_dicom_seg
+
+        try:
+            written["mask_dicom_seg"] = write_dicom_seg(
+                scan, mask, labels, folder / MASK_DICOM_SEG,
+                model_name=str(info.get("model", "medseg")), model_version=str(info.get("weights_hash", "")),
+            )
+        except MedsegError as e:  # headers highdicom cannot use: the NIfTI mask is still worth having
+            dicom_seg_error = str(e)
+    write_volume(uncertainty.astype(np.float32), scan.geometry, folder / UNCERTAINTY_NIFTI)
+    written["uncertainty_nifti"] = folder / UNCERTAINTY_NIFTI
+    report = {
+        **info,
+        "shape": list(mask.shape),
+        "spacing": list(scan.geometry.spacing),
+        "measurements": measure(mask, scan.geometry, labels),
+    }
+    if dicom_seg_error is not None:
+        report["dicom_seg_error"] = dicom_seg_error
+    (folder / REPORT).write_text(json.dumps(report, indent=1))
+    written["report"] = folder / REPORT
+    return written
+
+
+def uncertainty_npz(folder: Path) -> bytes:
+    """``.npz`` with arrays ``uncertainty`` (spatial, float32) and ``geometry`` (JSON), no pickle."""
+    image = sitk.ReadImage(str(folder / UNCERTAINTY_NIFTI))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, uncertainty=array, geometry=json.dumps(Geometry.from_sitk(image).to_dict()))
+    return buf.getvalue()

@@ -1,0 +1,308 @@
+"""The inference service over HTTP (httpx against a live uvicorn on 127.0.0.1): jobs, results, limits, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from medseg.inference import Predictor
+from medseg.io import read_mask, read_scan
+from medseg.service.settings import ServiceSettings
+
+TIMEOUT = 120.0  # seconds a test waits for one job at most (CPU, shared machine)
+
+
+def nuclei_image(datasets_dir: Path, index: int = 0) -> Path:
+    return sorted((datasets_dir / "dsb2018_nuclei" / "images").iterdir())[index]
+
+
+def submit(url: str, name: str, data: bytes, **form: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/segment", files={"file": (name, data)}, data=form, timeout=60)
+
+
+def wait_done(url: str, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        assert 0.0 <= status["progress"] <= 1.0
+        if status["status"] in ("done", "failed"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} not finished after {TIMEOUT} s")
+
+
+def read_nifti(data: bytes, tmp_path: Path, name: str = "x.nii.gz") -> sitk.Image:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return sitk.ReadImage(str(path))
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def test_upload_job_mask_equals_in_process_predictor(service: str, predictor: Predictor, datasets_dir: Path,
+                                                     tmp_path: Path) -> None:
+    src = nuclei_image(datasets_dir, 2)  # an RGB image
+    r = submit(service, src.name, src.read_bytes())
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert r.headers["location"] == f"/v1/jobs/{job_id}"
+    assert wait_done(service, job_id) == {"job_id": job_id, "status": "done", "progress": 1.0, "error": None}
+
+    scan = read_scan(src)
+    expected = predictor.predict_scan(scan)
+    assert 0 < expected.mask.mean() < 1  # the comparison below means something only for a non-trivial mask
+
+    nifti = httpx.get(f"{service}/v1/jobs/{job_id}/mask", params={"format": "nifti"})
+    assert nifti.status_code == 200 and nifti.headers["content-type"] == "application/gzip"
+    image = read_nifti(nifti.content, tmp_path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected.mask)
+    assert image.GetSpacing() == scan.geometry.spacing
+
+    png = httpx.get(f"{service}/v1/jobs/{job_id}/mask", params={"format": "png"})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    (tmp_path / "m.png").write_bytes(png.content)
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png").array, expected.mask)
+
+    unc = httpx.get(f"{service}/v1/jobs/{job_id}/uncertainty", params={"format": "npz"})
+    with np.load(io.BytesIO(unc.content), allow_pickle=False) as z:
+        np.testing.assert_allclose(z["uncertainty"], expected.uncertainty, atol=1e-6)
+        assert json.loads(str(z["geometry"]))["size"] == list(scan.geometry.size)
+    unc_nii = httpx.get(f"{service}/v1/jobs/{job_id}/uncertainty")
+    np.testing.assert_allclose(sitk.GetArrayFromImage(read_nifti(unc_nii.content, tmp_path, "u.nii.gz")),
+                               expected.uncertainty, atol=1e-6)
+
+    report = httpx.get(f"{service}/v1/jobs/{job_id}/report").json()
+    nucleus = report["measurements"]["1"]
+    assert nucleus["name"] == "nucleus" and nucleus["voxels"] == int((expected.mask == 1).sum())
+    assert nucleus["area_mm2"] == pytest.approx(nucleus["voxels"] * float(np.prod(scan.geometry.spacing)))
+    assert report["weights_hash"] == predictor.weights_hash and report["tta"] == "none"
+    assert len(report["upload_sha256"]) == 64
+
+
+def test_volume_keeps_geometry_and_png_is_refused(service: str, predictor: Predictor, datasets_dir: Path,
+                                                  tmp_path: Path) -> None:
+    src = sorted((datasets_dir / "msd_hippocampus" / "images").iterdir())[0]
+    job_id = submit(service, "scan.nii.gz", src.read_bytes()).json()["job_id"]
+    assert wait_done(service, job_id)["status"] == "done"
+    scan = read_scan(src)
+    image = read_nifti(httpx.get(f"{service}/v1/jobs/{job_id}/mask").content, tmp_path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), predictor.predict_scan(scan).mask)
+    np.testing.assert_allclose(image.GetSpacing(), scan.geometry.spacing)
+    np.testing.assert_allclose(image.GetOrigin(), scan.geometry.origin)
+    np.testing.assert_allclose(image.GetDirection(), scan.geometry.direction)
+    png = httpx.get(f"{service}/v1/jobs/{job_id}/mask", params={"format": "png"})
+    assert png.status_code == 400 and "2D" in png.json()["error"]
+    seg = httpx.get(f"{service}/v1/jobs/{job_id}/mask", params={"format": "dicom-seg"})
+    assert seg.status_code == 400 and "DICOM" in seg.json()["error"]
+    assert "volume_ml" in httpx.get(f"{service}/v1/jobs/{job_id}/report").json()["measurements"]["1"]
+
+
+def test_dicom_series_zip_is_one_upload(service: str, datasets_dir: Path, tmp_path: Path) -> None:
+    # Two adjacent slices of the CT series: a real series volume, small enough to predict on a CPU in seconds.
+    files = sorted((datasets_dir / "dicom_ct_series" / "dicom").iterdir())[9:11]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in files:
+            zf.write(f, f"series/{f.name}")
+    # No suffix in the name: the service recognises the zip by its content.
+    job_id = submit(service, "Doe^Jane", buf.getvalue()).json()["job_id"]
+    assert wait_done(service, job_id)["status"] == "done"
+    scan = read_scan(files)
+    assert scan.is_volume and scan.spatial_shape[0] == 2
+    image = read_nifti(httpx.get(f"{service}/v1/jobs/{job_id}/mask").content, tmp_path)
+    assert sitk.GetArrayFromImage(image).shape == scan.spatial_shape
+    np.testing.assert_allclose(image.GetOrigin(), scan.geometry.origin, atol=1e-4)
+    np.testing.assert_allclose(image.GetSpacing(), scan.geometry.spacing, atol=1e-6)
+    seg = httpx.get(f"{service}/v1/jobs/{job_id}/mask", params={"format": "dicom-seg"})
+    assert seg.status_code == 200 and seg.headers["content-type"] == "application/dicom"
+    (tmp_path / "seg.dcm").write_bytes(seg.content)
+    ds = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert ds.Modality == "SEG"
+    referenced = {item.ReferencedSOPInstanceUID for item in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert len(referenced) == 2 and all(referenced)  # one reference per source slice
+    assert ds.SegmentSequence[0].SegmentLabel == "nucleus"
+
+
+def test_per_request_tta_applies_to_that_job_only(service: str, datasets_dir: Path) -> None:
+    data = nuclei_image(datasets_dir, 0).read_bytes()
+    flips = submit(service, "a.png", data, tta="flips").json()["job_id"]
+    plain = submit(service, "a.png", data).json()["job_id"]
+    for job_id in (flips, plain):
+        assert wait_done(service, job_id)["status"] == "done"
+    assert httpx.get(f"{service}/v1/jobs/{flips}/report").json()["tta"] == "flips"
+    assert httpx.get(f"{service}/v1/jobs/{plain}/report").json()["tta"] == "none"
+    bad = submit(service, "a.png", data, tta="sideways")
+    assert bad.status_code == 422 and "tta" in bad.json()["error"]
+
+
+# ----------------------------------------------------------------------------------------- bad requests
+
+
+def test_corrupt_upload_gets_json_error_naming_the_problem(service: str, datasets_dir: Path) -> None:
+    truncated = nuclei_image(datasets_dir, 0).read_bytes()[:300]
+    r = submit(service, "Doe_John_1970-01-01.png", truncated)
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert error.startswith("upload.png:") and "Doe" not in error
+
+    r = submit(service, "notes.txt", b"name: someone\n" * 20)
+    assert r.status_code == 415 and "unrecognised file type" in r.json()["error"]
+
+    r = submit(service, "empty.nii.gz", b"")
+    assert r.status_code == 422 and "empty" in r.json()["error"]
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("readme.txt", "no scans in here")
+    r = submit(service, "study.zip", buf.getvalue())
+    assert r.status_code in (415, 422) and r.json()["error"].startswith("upload.zip")
+
+    r = httpx.post(f"{service}/v1/segment", data={"tta": "none"})
+    assert r.status_code == 422 and "file" in r.json()["error"]
+
+
+def test_oversize_upload_gets_413_json(service: str) -> None:
+    big = b"\x89PNG\r\n\x1a\n" + bytes(5 * 1024 * 1024)
+    r = submit(service, "big.png", big)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+    # Chunked transfer (no Content-Length): counted while it streams.
+    boundary = "medsegboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for _ in range(6):
+            yield bytes(1024 * 1024)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = httpx.post(f"{service}/v1/segment", content=body(), timeout=60,
+                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert httpx.get(f"{service}/health").status_code == 200  # and the server carries on
+
+
+def test_unknown_and_unfinished_jobs(gated_predictor, datasets_dir: Path, start_service, tmp_path: Path) -> None:
+    gated, gate = gated_predictor
+    url = start_service(gated, ServiceSettings(max_queued=2, work_dir=tmp_path))
+    r = httpx.get(f"{url}/v1/jobs/0123456789abcdef")
+    assert r.status_code == 404 and "no job" in r.json()["error"]
+    job_id = submit(url, "a.png", nuclei_image(datasets_dir, 0).read_bytes()).json()["job_id"]
+    r = httpx.get(f"{url}/v1/jobs/{job_id}/mask")
+    assert r.status_code == 409 and "poll" in r.json()["error"]
+    gate.set()
+    assert wait_done(url, job_id)["status"] == "done"
+
+
+def test_job_failure_is_reported_and_worker_survives(failing_once_predictor, datasets_dir: Path, start_service,
+                                                     tmp_path: Path) -> None:
+    url = start_service(failing_once_predictor, ServiceSettings(work_dir=tmp_path))
+    data = nuclei_image(datasets_dir, 0).read_bytes()
+    first = submit(url, "a.png", data).json()["job_id"]
+    status = wait_done(url, first)
+    assert status["status"] == "failed" and "out of memory" in status["error"]
+    r = httpx.get(f"{url}/v1/jobs/{first}/mask")
+    assert r.status_code == 409 and "failed" in r.json()["error"]
+    second = submit(url, "a.png", data).json()["job_id"]
+    assert wait_done(url, second)["status"] == "done"
+
+
+# ---------------------------------------------------------------------------------------- queue and TTL
+
+
+def test_full_queue_answers_429_with_retry_after(gated_predictor, datasets_dir: Path, start_service,
+                                                 tmp_path: Path) -> None:
+    gated, gate = gated_predictor
+    url = start_service(gated, ServiceSettings(max_queued=2, work_dir=tmp_path))
+    data = nuclei_image(datasets_dir, 0).read_bytes()
+    running = submit(url, "a.png", data).json()["job_id"]
+    deadline = time.monotonic() + TIMEOUT
+    while httpx.get(f"{url}/v1/jobs/{running}").json()["status"] != "running":  # the worker holds it at the gate
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    queued = [submit(url, "a.png", data) for _ in range(2)]
+    assert [r.status_code for r in queued] == [202, 202]
+    refused = submit(url, "a.png", data)
+    assert refused.status_code == 429 and "queue is full" in refused.json()["error"]
+    assert int(refused.headers["retry-after"]) >= 1
+    health = httpx.get(f"{url}/health").json()
+    assert health["jobs"]["queued"] == 2 and health["jobs"]["running"] == 1
+    gate.set()
+    for job_id in [running, *(r.json()["job_id"] for r in queued)]:
+        assert wait_done(url, job_id)["status"] == "done"
+    assert submit(url, "a.png", data).status_code == 202  # room again
+
+
+def test_finished_jobs_and_their_files_expire(predictor: Predictor, datasets_dir: Path, start_service,
+                                              tmp_path: Path) -> None:
+    url = start_service(predictor, ServiceSettings(job_ttl_s=0.5, work_dir=tmp_path))
+    job_id = submit(url, "a.png", nuclei_image(datasets_dir, 0).read_bytes()).json()["job_id"]
+    assert wait_done(url, job_id)["status"] == "done"
+    assert (tmp_path / job_id / "mask.nii.gz").is_file()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/v1/jobs/{job_id}").status_code != 404:
+        assert time.monotonic() < deadline, "job not purged after its TTL"
+        time.sleep(0.2)
+    assert not (tmp_path / job_id).exists()
+    assert list(tmp_path.iterdir()) == []  # no stray uploads either
+
+
+# ------------------------------------------------------------------------------------------ metadata
+
+
+def test_models_health_and_openapi(service: str, predictor: Predictor) -> None:
+    models = httpx.get(f"{service}/v1/models").json()["models"]
+    assert len(models) == 1
+    m = models[0]
+    assert m["name"] == predictor.name and m["weights_hash"] == predictor.weights_hash
+    assert m["labels"]["1"]["name"] == "nucleus" and m["device"] == "cpu" and m["num_classes"] == 2
+    assert m["config"]["data"]["root"] is None  # server paths are not published
+    health = httpx.get(f"{service}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+    schema = httpx.get(f"{service}/openapi.json").json()
+    for path in ("/v1/segment", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/mask", "/v1/jobs/{job_id}/report",
+                 "/v1/jobs/{job_id}/uncertainty", "/v1/models", "/health"):
+        assert path in schema["paths"], path
+    assert "multipart/form-data" in schema["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
+    assert "429" in schema["paths"]["/v1/segment"]["post"]["responses"]
+    from openapi_spec_validator import validate
+
+    validate(schema)
+
+
+def test_logs_carry_the_upload_hash_not_its_name(service: str, datasets_dir: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    data = nuclei_image(datasets_dir, 0).read_bytes()
+    import hashlib
+
+    with caplog.at_level(logging.INFO, logger="medseg.service"):
+        job_id = submit(service, "Mustermann_Erika_1964.png", data).json()["job_id"]
+        wait_done(service, job_id)
+        submit(service, "Mustermann_Erika_1964.png", data[:100])
+    text = caplog.text
+    assert hashlib.sha256(data).hexdigest() in text
+    assert "Mustermann" not in text
+
+
+def test_settings_come_from_environment_then_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MEDSEG_SERVICE_MAX_QUEUED", "3")
+    monkeypatch.setenv("MEDSEG_SERVICE_JOB_TTL_S", "12.5")
+    monkeypatch.setenv("MEDSEG_SERVICE_WORK_DIR", str(tmp_path))
+    s = ServiceSettings.from_env(device="cpu", max_upload_bytes=None)
+    assert (s.max_queued, s.job_ttl_s, s.work_dir, s.device) == (3, 12.5, tmp_path, "cpu")
+    assert s.max_upload_bytes == ServiceSettings().max_upload_bytes
+    assert ServiceSettings.from_env(max_queued=7).max_queued == 7
