@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medseg.config import ExperimentConfig, config_to_yaml, validate_config
@@ -34,6 +38,7 @@ from medseg.errors import BundleError
 DEFAULT_COLORS = ["#000000", "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
                   "#bcf60c", "#fabebe", "#008080", "#e6beff"]
 RESEARCH_NOTICE = "Research use only — not for diagnosis."
+log = logging.getLogger(__name__)
 
 
 def label_table(cfg: ExperimentConfig) -> dict[int, dict[str, str]]:
@@ -60,7 +65,13 @@ class Bundle:
 
     def load_members(self) -> dict[str, dict[str, torch.Tensor]]:
         """Ensemble members' state dicts, by member name (file stem)."""
-        return {p.stem: load_file(str(p)) for p in self.member_files}
+        members = {}
+        for p in self.member_files:
+            try:
+                members[p.stem] = load_file(str(p))
+            except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a damaged or vanished file
+                raise BundleError(f"{self.path.name}/weights/{p.name}: cannot read weights ({_one_line(e)})") from None
+        return members
 
     @property
     def weights_hash(self) -> str:
@@ -71,24 +82,51 @@ class Bundle:
         return h.hexdigest()[:16]
 
 
+def _previous_copy(final: Path) -> Path:
+    """Where ``_atomic_dir_write`` parks the bundle it replaces, for the moment between its two renames."""
+    return final.with_name(f".{final.name}.old")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_dir_write(final: Path, write: Any) -> Path:
-    """Build the bundle in a sibling temp dir, then swap it in: a crash never leaves a half bundle."""
+    """Build the bundle in a sibling temp dir, then swap it in: a crash never leaves a half bundle.
+
+    Replacing takes two renames (final -> .final.old, tmp -> final); a process killed between them leaves the
+    complete previous bundle in ``.final.old``, which ``load_bundle`` falls back to.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    old = _previous_copy(final)
     try:
         write(tmp)
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            if old.exists() and not _is_complete_bundle(old):
+                shutil.rmtree(old, ignore_errors=True)
+            if old.exists():  # a complete copy from an interrupted save: final is newer, drop the copy
+                shutil.rmtree(old)
             final.rename(old)
             tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+        _fsync_dir(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _is_complete_bundle(path: Path) -> bool:
+    return all((path / f).is_file() for f in ("config.yaml", "labels.json", "preprocessing.json")) and any(
+        (path / "weights").glob("*.safetensors")
+    )
 
 
 def save_bundle(
@@ -126,34 +164,96 @@ def save_bundle(
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Read a bundle directory or .zip (extracted with medseg's safe-zip caps)."""
+    """Read a bundle directory or .zip (extracted with medseg's safe-zip caps, into a temporary folder that is
+    removed when the returned Bundle is garbage-collected or the interpreter exits).
+
+    Every weights file's safetensors header is checked here, so a truncated or damaged file is a
+    ``BundleError`` now rather than a failure at the first prediction.
+    """
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".zip":
+        from medseg.errors import MedsegError
         from medseg.io.archive import extract_zip_safely
 
-        root = extract_zip_safely(path)
-        inner = [p.parent for p in root.rglob("config.yaml")]
-        if len(inner) != 1:
-            raise BundleError(f"{path.name}: zip does not hold exactly one bundle (config.yaml)")
-        path = inner[0]
+        try:
+            root = extract_zip_safely(path)
+        except MedsegError as e:
+            raise BundleError(f"{path.name}: cannot open the bundle zip ({e})") from None
+        try:
+            inner = [p.parent for p in root.rglob("config.yaml")]
+            if len(inner) != 1:
+                raise BundleError(f"{path.name}: zip does not hold exactly one bundle (config.yaml)")
+            bundle = _load_bundle_dir(inner[0], shown=path.name)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        weakref.finalize(bundle, shutil.rmtree, str(root), True)
+        return bundle
+    if not path.exists() and _is_complete_bundle(_previous_copy(path)):
+        # A save was killed between its two renames: the previous bundle is complete in .NAME.old.
+        log.warning("%s: using the previous bundle left by an interrupted save (%s)", path.name,
+                    _previous_copy(path).name)
+        return _load_bundle_dir(_previous_copy(path), shown=path.name)
+    return _load_bundle_dir(path, shown=path.name)
+
+
+def _load_bundle_dir(path: Path, shown: str) -> Bundle:
     if not path.is_dir():
         raise BundleError(f"{path}: not a bundle directory or .zip")
     for required in ("config.yaml", "labels.json", "preprocessing.json"):
         if not (path / required).is_file():
-            raise BundleError(f"{path.name}: incomplete bundle, {required} is missing")
+            raise BundleError(f"{shown}: incomplete bundle, {required} is missing")
     members = sorted((path / "weights").glob("*.safetensors"))
     if not members:
-        raise BundleError(f"{path.name}: bundle has no weights/*.safetensors")
+        raise BundleError(f"{shown}: bundle has no weights/*.safetensors")
+    for member in members:
+        try:
+            with safe_open(str(member), framework="pt") as f:  # parses and bounds-checks the header only
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: damaged or truncated
+            raise BundleError(f"{shown}/weights/{member.name}: corrupt weights file ({_one_line(e)})") from None
     try:
-        cfg = validate_config(yaml.safe_load((path / "config.yaml").read_text()), f"{path.name}/config.yaml")
-        labels = {int(k): v for k, v in json.loads((path / "labels.json").read_text()).items()}
+        raw_cfg = yaml.safe_load((path / "config.yaml").read_text())
+        _check_size(raw_cfg, "config.yaml")
+        labels_raw = json.loads((path / "labels.json").read_text())
+        labels = {int(k): dict(v) for k, v in labels_raw.items()}
         prep = json.loads((path / "preprocessing.json").read_text())
         calib_file = path / "calibration.json"
         calibration = json.loads(calib_file.read_text()) if calib_file.is_file() else None
-    except (ValueError, yaml.YAMLError) as e:
-        raise BundleError(f"{path.name}: corrupt bundle metadata ({e})") from None
-    card = (path / "model_card.md").read_text() if (path / "model_card.md").is_file() else ""
+        if not isinstance(prep, dict) or not (calibration is None or isinstance(calibration, dict)):
+            raise ValueError("preprocessing.json/calibration.json must hold a JSON object")
+    except (ValueError, TypeError, AttributeError, RecursionError, yaml.YAMLError) as e:
+        raise BundleError(f"{shown}: corrupt bundle metadata ({_one_line(e)})") from None
+    if not isinstance(raw_cfg, dict):
+        raise BundleError(f"{shown}: corrupt bundle metadata (config.yaml does not hold a mapping)")
+    cfg = validate_config(raw_cfg, f"{shown}/config.yaml")
+    card = (path / "model_card.md").read_text(errors="replace") if (path / "model_card.md").is_file() else ""
     return Bundle(path, cfg, labels, prep, members, calibration, card)
+
+
+# A config has a few hundred values; YAML aliases can make a small file expand to billions (a "billion laughs"),
+# which would hang whatever walks the config later (JSON dumps, the app's display).
+MAX_CONFIG_NODES = 100_000
+
+
+def _check_size(obj: Any, name: str) -> None:
+    count, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ValueError(f"{name} expands to more than {MAX_CONFIG_NODES:,} values (YAML alias bomb?)")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def _one_line(err: BaseException) -> str:
+    """A library message on one line, without directories (bundles may sit in folders named after people)."""
+    text = " ".join(str(err).split())
+    return re.sub(r"(?:/[^\s\"'/:]+)+/([^\s\"'/:]+)", r"\1", text)
 
 
 def find_bundles(folder: Path) -> list[Path]:

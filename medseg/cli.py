@@ -59,26 +59,40 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt")] = False,
     devices: Annotated[int | None, typer.Option(help="Number of devices (processes) for DDP")] = None,
     strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp")] = None,
+    fold: Annotated[int | None, typer.Option(help="Validation fold (data.fold)")] = None,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms (train.deterministic)")] = False,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget; the run stops and writes its bundle")] = None,
     set_: Sets = None,
 ) -> None:
-    """Train a model; writes OUT/bundle, OUT/progress.png and OUT/metrics.csv."""
+    """Train a model; writes OUT/bundle, OUT/progress.png, OUT/metrics.csv, OUT/run_info.json and a diagnosis."""
+    from datetime import timedelta
+
     try:
         sets = list(set_ or [])
         if devices is not None:
             sets.append(f"train.devices={devices}")
         if strategy is not None:
             sets.append(f"train.strategy={strategy}")
+        if fold is not None:
+            sets.append(f"data.fold={fold}")
+        if deterministic:
+            sets.append("train.deterministic=true")
         cfg = _load_cfg(config, data, sets, epochs, limit_cases)
         from medseg.engine.train import train as run_train
 
-        result = run_train(cfg, out, resume=resume)
+        budget = timedelta(minutes=max_minutes) if max_minutes else None
+        result = run_train(cfg, out, resume=resume, max_time=budget)
     except MedsegError as e:
         _fail(e)
         return
     console.print(
-        f"done in {result.seconds / 60:.1f} min: best val Dice {result.best_val_dice:.4f}; bundle at {result.bundle}",
+        f"done in {result.seconds / 60:.1f} min: best val Dice {result.best_val_dice:.4f}; "
+        f"bundle at {result.bundle} ({', '.join(result.members)})",
         highlight=False,
     )
+    console.print("[b]learning curves:[/b]", highlight=False)
+    for f in result.findings:
+        console.print(f"  [{f.code}] {f.message}", highlight=False, soft_wrap=True, markup=False)
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -88,7 +102,7 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
     out: list[Path] = []
     for p in inputs:
-        if p.is_dir() and not is_dicom_folder(p):
+        if p.is_dir() and not is_dicom_folder(p, recursive=False):  # DICOM files of its own: one series input
             kids = sorted(c for c in p.iterdir() if not c.name.startswith(".") and (c.is_dir() or c.name.lower().endswith(SCAN_SUFFIXES)))
             out.extend(kids)
         else:
@@ -103,6 +117,10 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/predict"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     tta: Annotated[str | None, typer.Option(help="none | flips | multicrop | full")] = None,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write class probabilities")] = False,
+    uncertainty: Annotated[bool, typer.Option("--uncertainty", help="Also write the uncertainty map")] = False,
+    dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="DICOM inputs: also write a DICOM SEG")] = False,
+    anonymize: Annotated[bool, typer.Option("--anonymize", help="De-identify the DICOM SEG (PS3.15 basic)")] = False,
 ) -> None:
     """Segment scans: one mask per input (PNG for 2D images, NIfTI for volumes), plus overlays for 2D."""
     from rich.progress import Progress
@@ -114,11 +132,14 @@ def predict(
     try:
         predictor = Predictor.from_bundle(bundle, device=device)
         if tta is not None:
+            if tta not in ("none", "flips", "multicrop", "full"):
+                raise MedsegError(f"--tta {tta!r}: use none, flips, multicrop or full")
             predictor.cfg.inference.tta = tta
     except MedsegError as e:
         _fail(e)
         return
     items = expand_inputs(inputs)
+    stems = _unique_output_stems(items)
     out.mkdir(parents=True, exist_ok=True)
     failures: list[tuple[str, str]] = []
     with Progress(console=console, transient=False) as bar:
@@ -128,7 +149,9 @@ def predict(
                 scan = read_scan(item)
                 pred = predictor.predict_scan(scan)
                 write_prediction_outputs(
-                    scan, pred, predictor.labels, out, name=_output_stem(item), label_map=predictor.cfg.data.label_map
+                    scan, pred, predictor.labels, out, name=stems[item], label_map=predictor.cfg.data.label_map,
+                    probabilities=probabilities, uncertainty=uncertainty, dicom_seg=dicom_seg, anonymize=anonymize,
+                    model_name=predictor.name, model_version=predictor.weights_hash,
                 )
             except MedsegError as e:
                 failures.append((item.name, str(e)))
@@ -142,6 +165,25 @@ def predict(
         for name, why in failures:
             console.print(f"[red]failed[/red] {name}: {why}", highlight=False)
         raise typer.Exit(1)
+
+
+def _unique_output_stems(items: list[Path]) -> dict[Path, str]:
+    """Output stem per input; inputs that share one (``a.png``, ``a.tif``, folder ``a`` and ``a.zip``) get their
+    suffix appended (``a_tif``) so no output overwrites another."""
+    stems = {item: _output_stem(item) for item in items}
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    taken = set(stems.values())
+    for item in items:
+        if counts[stems[item]] > 1:
+            tail = item.name[len(stems[item]):].lstrip(".").replace(".", "_") or "dir"
+            candidate, n = f"{stems[item]}_{tail}", 2
+            while candidate in taken:
+                candidate, n = f"{stems[item]}_{tail}{n}", n + 1
+            taken.add(candidate)
+            stems[item] = candidate
+    return stems
 
 
 def _output_stem(path: Path) -> str:
@@ -180,6 +222,188 @@ def evaluate(
         w.writeheader()
         w.writerows(rows)
     console.print(f"per-case metrics written to {out}", highlight=False)
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip), loaded once", envvar="MEDSEG_BUNDLE")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 in a container)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N (default: auto)")] = None,
+    max_queued: Annotated[int | None, typer.Option(help="Jobs waiting at most; more get 429")] = None,
+    max_upload_mb: Annotated[int | None, typer.Option(help="Largest upload in MB; larger get 413")] = None,
+    job_ttl: Annotated[float | None, typer.Option(help="Seconds a finished job's files are kept")] = None,
+) -> None:
+    """Inference service (FastAPI + uvicorn): POST /v1/segment, GET /v1/jobs/{id}[/mask|/report|/uncertainty]."""
+    from medseg.service.server import serve as run_server
+    from medseg.service.settings import ServiceSettings
+
+    settings = ServiceSettings.from_env(
+        device=device, max_queued=max_queued, job_ttl_s=job_ttl,
+        max_upload_bytes=max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
+    )
+    try:
+        run_server(bundle, host=host, port=port, settings=settings)
+    except MedsegError as e:
+        _fail(e)
+
+
+@app.command("app")
+def web_app(
+    models: Annotated[Path, typer.Option(help="Folder with model bundles (make demo puts one in models/demo-nuclei)")] = Path("models"),
+    port: Annotated[int, typer.Option(help="TCP port")] = 8501,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 in a container)")] = "localhost",
+    max_upload_mb: Annotated[int, typer.Option(help="Largest upload in MB", envvar="MEDSEG_MAX_UPLOAD_MB")] = 1024,
+) -> None:
+    """Clinician web app (Streamlit): upload a scan, see, measure and download its mask."""
+    import os
+    import subprocess
+
+    # app/ is installed beside medseg/ (same project); found by path so an editable install needs no re-install.
+    script = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+    if not script.is_file():
+        _fail(MedsegError(f"{script}: the web app is not installed next to medseg"))
+        return
+    env = {**os.environ, "MEDSEG_MODELS_DIR": str(models.resolve()), "MEDSEG_MAX_UPLOAD_MB": str(max_upload_mb)}
+    # Production settings: no error details or tracebacks in the browser, XSRF protection, no usage statistics,
+    # no file watcher, the same upload cap on the server as in the app (it derives its zip and voxel caps from it).
+    options = {
+        "server.port": port, "server.address": host, "server.headless": "true",
+        "server.maxUploadSize": max_upload_mb, "server.enableXsrfProtection": "true",
+        "server.enableCORS": "true", "server.fileWatcherType": "none", "server.runOnSave": "false",
+        "client.showErrorDetails": "none", "client.toolbarMode": "minimal",
+        "browser.gatherUsageStats": "false", "global.developmentMode": "false", "theme.base": "light",
+    }
+    command = [sys.executable, "-m", "streamlit", "run", str(script), *(f"--{k}={v}" for k, v in options.items())]
+    console.print(f"medseg app: http://{host}:{port}  (models: {models})", highlight=False)
+    try:
+        code = subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
+@app.command()
+def export(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="Output .onnx file (a .json sidecar is written beside it)")],
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
+) -> None:
+    """Export a bundle's ensemble to ONNX: (B, C, H, W) in [0, 1], H and W multiples of 32 -> probabilities."""
+    from medseg.inference.export import export_onnx
+
+    try:
+        path = export_onnx(bundle, onnx, opset=opset)
+    except MedsegError as e:
+        _fail(e)
+        return
+    console.print(f"ONNX model written to {path} (sidecar {path}.json)", highlight=False)
+
+
+@app.command()
+def cv(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML")],
+    folds: Annotated[int | None, typer.Option(help="Number of folds K (default data.folds)")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder with images/ and masks/")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/cv"),
+    epochs: Annotated[int | None, typer.Option(help="Override train.epochs")] = None,
+    limit_cases: Annotated[int | None, typer.Option(help="Use only the first N cases")] = None,
+    resume: Annotated[bool, typer.Option(help="Keep finished folds, resume an interrupted one")] = False,
+    max_minutes_per_fold: Annotated[float | None, typer.Option(help="Wall-clock budget per fold")] = None,
+    oof_format: Annotated[str, typer.Option(help="auto | npz | nifti for the out-of-fold probability maps")] = "auto",
+    device: Annotated[str, typer.Option(help="Device for out-of-fold prediction")] = "auto",
+    set_: Sets = None,
+) -> None:
+    """K-fold cross-validation: out-of-fold probabilities and metrics, and one bundle of the K fold models."""
+    from datetime import timedelta
+
+    try:
+        cfg = _load_cfg(config, data, set_, epochs, limit_cases)
+        from medseg.engine.cv import cross_validate
+
+        budget = timedelta(minutes=max_minutes_per_fold) if max_minutes_per_fold else None
+        result = cross_validate(cfg, out, folds, resume=resume, max_time_per_fold=budget, oof_format=oof_format, device=device)
+    except MedsegError as e:
+        _fail(e)
+        return
+    table = Table(title=f"{len(result.fold_dice)}-fold cross-validation, out-of-fold, {len(result.oof_files)} cases")
+    for col in ("label", "Dice", "IoU", "HD95", "surface Dice"):
+        table.add_column(col)
+    for label, s in result.summary.items():
+        table.add_row(label, f"{s['dice_mean']:.4f} ± {s['dice_sd']:.4f}", f"{s['iou_mean']:.4f} ± {s['iou_sd']:.4f}",
+                      f"{s['hd95_mean']:.2f} ± {s['hd95_sd']:.2f}", f"{s['surface_dice_mean']:.4f} ± {s['surface_dice_sd']:.4f}")
+    Console().print(table)
+    c = result.calibration
+    console.print(
+        f"temperature {c.temperature:.3f}: expected calibration error {c.ece_before:.4f} -> {c.ece_after:.4f}\n"
+        f"out-of-fold maps in {out / 'oof'}, per-case metrics in {out / 'oof_metrics.csv'}; bundle at {result.bundle}",
+        highlight=False,
+    )
+
+
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML with a tune.space")],
+    trials: Annotated[int, typer.Option(help="Finished trials the study should hold (a budget over all workers)")] = 20,
+    storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL, e.g. postgresql://user@host/db (default sqlite OUT/study.db)")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: the config's name)")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder with images/ and masks/")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/tune"),
+    epochs: Annotated[int | None, typer.Option(help="Override train.epochs")] = None,
+    limit_cases: Annotated[int | None, typer.Option(help="Use only the first N cases")] = None,
+    max_minutes_per_trial: Annotated[float | None, typer.Option(help="Wall-clock budget per trial")] = None,
+    set_: Sets = None,
+) -> None:
+    """Optuna search over tune.space with pruning; run it in several processes on one --storage to parallelise."""
+    from datetime import timedelta
+
+    try:
+        cfg = _load_cfg(config, data, set_, epochs, limit_cases)
+        from medseg.engine.tune import tune as run_tune
+
+        budget = timedelta(minutes=max_minutes_per_trial) if max_minutes_per_trial else None
+        result = run_tune(cfg, out, trials, storage=storage, study_name=study, max_time_per_trial=budget)
+    except MedsegError as e:
+        _fail(e)
+        return
+    params = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
+    console.print(
+        f"study {result.study_name!r}: {result.complete} complete, {result.pruned} pruned, {result.failed} failed\n"
+        f"best val Dice {result.best_value:.4f} with {params}\nbest config: {result.best_config}; "
+        f"plots: {', '.join(p.name for p in result.plots)}",
+        highlight=False,
+    )
+
+
+@app.command()
+def doctor(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML")],
+    data: Annotated[Path | None, typer.Option(help="Dataset folder with images/ and masks/")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (lr_find.png)")] = Path("outputs/doctor"),
+    limit_cases: Annotated[int | None, typer.Option(help="Use only the first N cases")] = None,
+    overfit_steps: Annotated[int, typer.Option(help="Steps of the tiny-subset overfit test")] = 60,
+    lr_find: Annotated[bool, typer.Option(help="Run the LR range test")] = True,
+    lr_find_steps: Annotated[int, typer.Option(help="Steps of the LR range test")] = 60,
+    set_: Sets = None,
+) -> None:
+    """Check data, initial loss, a tiny overfit and the learning rate before a long run; exit 1 on errors."""
+    try:
+        cfg = _load_cfg(config, data, set_, None, limit_cases)
+        from medseg.engine.doctor import run_doctor
+
+        report = run_doctor(cfg, out, overfit_steps=overfit_steps, lr_find=lr_find, lr_find_steps=lr_find_steps)
+    except MedsegError as e:
+        _fail(e)
+        return
+    marks = {"ok": "[green]ok[/green]     ", "info": "[blue]info[/blue]   ", "warning": "[yellow]warning[/yellow]",
+             "error": "[red]error[/red]  "}
+    for c in report.checks:
+        console.print(f"{marks[c.severity]} {c.code}: ", end="", highlight=False)
+        console.print(c.message, highlight=False, markup=False, soft_wrap=True)
+    if report.suggested_lr is not None:
+        console.print(f"suggested learning rate {report.suggested_lr:.2g} (plot {report.lr_plot})", highlight=False)
+    if report.has_errors:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ class DataConfig(_Section):
     split_file: Path | None = None  # default: <out>/splits.json
     group_column: str | None = None  # datalist column that keeps correlated images in one fold
     limit_cases: int | None = None
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)  # seeded subset of the training fold (low-data studies)
     cache: Literal["memory", "disk", "none"] = "memory"
     num_workers: int = 0
 
@@ -148,6 +149,7 @@ class TrainConfig(_Section):
     precision: str = "32-true"  # 16-mixed / bf16-mixed on GPU
     accelerator: str = "auto"
     devices: int | str = 1
+    num_nodes: int = 1  # multi-node DDP (torchrun --nnodes): devices × num_nodes must equal the world size
     strategy: str = "auto"
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None

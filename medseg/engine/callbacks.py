@@ -1,4 +1,5 @@
-"""Training callbacks: per-epoch metrics.csv and progress.png (learning curves) beside the checkpoints."""
+"""Training callbacks: per-epoch metrics.csv and progress.png (learning curves) beside the checkpoints, and
+snapshot-ensemble members saved at the end of each SGDR cycle."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import os
 from pathlib import Path
 
 import lightning as L
-
 import matplotlib
+import torch
+from safetensors.torch import save_file
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -25,18 +27,23 @@ class LearningCurves(L.Callback):
         self.out_dir = Path(out_dir)
         self.rows: list[dict[str, float]] = []
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After a resume the checkpoint is restored by now; keep the rows up to its epoch (later rows came
+        # from a part of the interrupted run that the checkpoint does not hold).
         path = self.out_dir / "metrics.csv"
-        if path.exists() and trainer.current_epoch > 0:
+        self.rows = []
+        if path.exists() and trainer.ckpt_path:
             with path.open() as f:
                 self.rows = [
-                    {k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if int(float(r["epoch"])) < trainer.current_epoch
+                    {k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if int(float(r["epoch"])) <= trainer.current_epoch
                 ]
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         m = trainer.callback_metrics
+        if "train_loss_epoch" not in m and any(r["epoch"] == trainer.current_epoch for r in self.rows):
+            return  # a resumed epoch that the checkpoint already finished: no batches ran, keep its row
         row = {
             "epoch": float(trainer.current_epoch),
             "train_loss": float(m.get("train_loss_epoch", math.nan)),
@@ -56,6 +63,37 @@ class LearningCurves(L.Callback):
             w.writerows(self.rows)
         os.replace(tmp, self.out_dir / "metrics.csv")
         plot_learning_curves(self.rows, self.out_dir / "progress.png")
+
+
+class SnapshotEnsemble(L.Callback):
+    """Snapshot ensembles (Huang et al. 2017): when an SGDR cycle ends (``pl_module.snapshot_steps``, the
+    global steps computed with the schedule), save the model's weights as
+    ``<out_dir>/snapshot_<cycle>.safetensors``. The files are on disk, not in the checkpoint, so a resumed run
+    keeps the snapshots taken before the interruption."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self._last_saved = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step  # optimiser steps so far; stays put over accumulated micro-batches
+        steps = getattr(pl_module, "snapshot_steps", [])
+        if step == self._last_saved or step not in steps or not trainer.is_global_zero:
+            return
+        self._last_saved = step
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu().clone() for k, v in pl_module.model.state_dict().items()}
+        tmp = self.out_dir / ".snapshot.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, self.out_dir / f"snapshot_{steps.index(step) + 1}.safetensors")
+
+
+def read_snapshots(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Snapshot members saved by `SnapshotEnsemble`, in cycle order: ``{"snapshot_1": state, ...}``."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(out_dir).glob("snapshot_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
+    return {p.stem: load_file(str(p)) for p in files}
 
 
 def plot_learning_curves(rows: list[dict[str, float]], path: Path) -> None:

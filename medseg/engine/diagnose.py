@@ -24,6 +24,9 @@ def _finite(values: list[float]) -> np.ndarray:
 
 
 def diagnose_curves(rows: list[dict[str, float]], good_dice: float = 0.7) -> list[Finding]:
+    """Findings for per-epoch ``rows`` (metrics.csv): ``lr_too_high``, ``overfitting``, ``underfitting``,
+    ``not_converged``, ``decay_too_early`` (each with what to try), ``too_short`` for fewer than 3 epochs,
+    or one ``ok``. ``good_dice`` is the best val Dice below which close, high losses mean underfitting."""
     if len(rows) < 3:
         return [Finding("too_short", f"only {len(rows)} epoch(s): too few to read the curves; train longer")]
     train = np.array([r["train_loss"] for r in rows], dtype=float)

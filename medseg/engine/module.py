@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.config import ExperimentConfig
-from medseg.engine.schedules import build_schedule
+from medseg.engine.schedules import build_schedule, params_in_steps, snapshot_steps
 from medseg.inference.tiling import predict_logits_case
 from medseg.losses import build_loss
 from medseg.metrics import per_label_metrics
@@ -27,6 +27,10 @@ class SegModule(L.LightningModule):
         apply_transfer_strategy(self.model, cfg.model)
         self.loss_fn = build_loss(cfg.loss)
         self._val_rows: list[dict[str, float]] = []
+        # Base learning rate as an attribute: Lightning's LR finder (`medseg doctor`) reads and sets `lr`.
+        self.lr = cfg.train.lr
+        # Global steps that end an SGDR cycle (set in configure_optimizers; read by SnapshotEnsemble).
+        self.snapshot_steps: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -65,8 +69,11 @@ class SegModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
+        """Optimiser over `param_groups` (no decay on biases/norms) and a per-step LambdaLR schedule.
+
+        ``schedule_params`` given in epochs (``t0_epochs``) are converted with this run's steps per epoch."""
         t = self.cfg.train
-        lr = t.lr * (t.batch_size * t.accumulate_grad_batches / t.base_batch_size if t.scale_lr_with_batch else 1.0)
+        lr = self.lr * (t.batch_size * t.accumulate_grad_batches / t.base_batch_size if t.scale_lr_with_batch else 1.0)
         groups = param_groups(self.model, lr, t.weight_decay, self.cfg.model.encoder_lr_mult, t.no_decay_on_bias_norm)
         if t.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov)
@@ -76,9 +83,11 @@ class SegModule(L.LightningModule):
             opt = torch.optim.AdamW(groups, lr=lr)
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        params = dict(t.schedule_params)
-        if t.schedule in ("cosine", "linear"):
+        params = params_in_steps(dict(t.schedule_params), steps_per_epoch)
+        if t.schedule in ("cosine", "linear", "sgdr"):
             params.setdefault("min_ratio", t.min_lr_ratio)
-        schedule = build_schedule(t.schedule, total, int(round(t.warmup_epochs * steps_per_epoch)), **params)
+        warmup = int(round(t.warmup_epochs * steps_per_epoch))
+        schedule = build_schedule(t.schedule, total, warmup, **params)
+        self.snapshot_steps = snapshot_steps(t.schedule, total, warmup, **params)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

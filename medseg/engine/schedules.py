@@ -3,6 +3,11 @@
 Each SCHEDULES entry builds ``factor(step) -> float`` (multiplier of the base LR) from the total number of
 steps and its own parameters; ``with_warmup`` adds a linear warmup from 0 in front of any of them. They
 are plugged into ``torch.optim.lr_scheduler.LambdaLR`` stepped every optimisation step.
+
+Parameters are in steps. A config may give any of them in epochs instead by adding ``_epochs`` to the
+name (``train.schedule_params: {t0_epochs: 2, t_mult: 2}`` for SGDR, ``step_size_epochs``, ...);
+`params_in_steps` converts them with the run's steps per epoch, so the schedule does not change when the
+batch size or the number of samples per epoch does.
 """
 
 from __future__ import annotations
@@ -82,6 +87,28 @@ def with_warmup(schedule: Schedule, warmup_steps: int) -> Schedule:
     if warmup_steps <= 0:
         return schedule
     return lambda step: (step + 1) / warmup_steps if step < warmup_steps else schedule(step - warmup_steps)
+
+
+def params_in_steps(params: dict[str, float], steps_per_epoch: int) -> dict[str, float]:
+    """``{"t0_epochs": 2, "t_mult": 2}`` -> ``{"t0": 2 * steps_per_epoch, "t_mult": 2}``: every ``*_epochs``
+    parameter becomes the step-valued parameter of the same stem (rounded, at least 1 step)."""
+    out: dict[str, float] = {}
+    for key, value in params.items():
+        if key.endswith("_epochs"):
+            out[key.removesuffix("_epochs")] = max(1, int(round(float(value) * steps_per_epoch)))
+        else:
+            out[key] = value
+    return out
+
+
+def snapshot_steps(name: str, total_steps: int, warmup_steps: int = 0, **params: float) -> list[int]:
+    """Global steps at which an SGDR run completes a cycle (after warmup): where snapshot ensembles take
+    their members. Empty for schedules without restarts."""
+    if name != "sgdr":
+        return []
+    steps = max(1, total_steps - warmup_steps)
+    t0 = int(params.get("t0") or max(1, steps // 4))
+    return [warmup_steps + e for e in sgdr_cycle_ends(steps, t0, int(params.get("t_mult", 1)))]
 
 
 def build_schedule(name: str, total_steps: int, warmup_steps: int = 0, **params: float) -> Schedule:

@@ -6,11 +6,26 @@ Public API (see each function's docstring for shapes):
     render_overlay                                                       (display)
     extracted_zip, extract_zip_safely, safe_extract_zip, ArchiveLimits  (safe zip handling)
     Scan, Geometry, DicomSeriesInfo, MultipleSeriesError, ScanReadWarning
+
+Safety limits (decompression bombs, hostile archives). Every reader checks sizes from the header before it
+decodes anything, and every zip is vetted before anything is extracted; each limit is a keyword argument of
+the readers (``max_voxels``, ``max_pixels``, ``archive_limits=ArchiveLimits(...)``):
+    MAX_VOXELS             1e9 samples in a volume or DICOM series (4 GB as float32)
+    MAX_IMAGE_PIXELS       89,478,485 pixels in a 2D image (Pillow's own limit; Pillow refuses twice that)
+    MAX_MEMBERS            10,000 members in a zip
+    MAX_TOTAL_BYTES        2 GiB uncompressed in a zip (declared sizes, and the bytes actually written)
+    MAX_COMPRESSION_RATIO  200:1 per zip member of 1 MiB or more
+Nested archives are never opened; symlinks, absolute and ``..`` member paths are refused. Beyond the caps:
+truncated NIfTI/DICOM pixel data is detected before decoding, NaN/inf in a NIfTI header's geometry is refused,
+MetaImage/NRRD data files must sit beside their header, and files that are not regular files are refused.
 """
 
 from __future__ import annotations
 
 from medseg.io.archive import (
+    MAX_COMPRESSION_RATIO,
+    MAX_MEMBERS,
+    MAX_TOTAL_BYTES,
     ArchiveLimits,
     ExtractedArchive,
     extract_zip_safely,
@@ -26,7 +41,10 @@ from medseg.io.readers import is_dicom_folder, list_dicom_series, read_mask, rea
 from medseg.io.writers import write_mask, write_overlay, write_probabilities, write_scan
 
 __all__ = [
+    "MAX_COMPRESSION_RATIO",
     "MAX_IMAGE_PIXELS",
+    "MAX_MEMBERS",
+    "MAX_TOTAL_BYTES",
     "MAX_VOXELS",
     "ArchiveLimits",
     "DicomSeriesInfo",

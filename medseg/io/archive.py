@@ -63,10 +63,16 @@ class ExtractedArchive:
         return Path(path).relative_to(self.root)
 
 
+def shown_name(name: str) -> str:
+    """A member's base name fit for a one-line message: control characters (newlines...) escaped."""
+    base = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", base)
+
+
 def _member_parts(name: str, zip_name: str) -> list[str]:
     """Path components of a member name, or ``UnsafeArchiveError`` when it would land outside the folder."""
     normalised = name.replace("\\", "/")  # zips made on Windows may use backslashes
-    shown = normalised.rstrip("/").rsplit("/", 1)[-1]
+    shown = shown_name(normalised)
     if normalised.startswith("/") or re.match(r"^[A-Za-z]:", normalised):
         raise UnsafeArchiveError(f"{zip_name}: member {shown!r} has an absolute path; refusing to extract")
     parts = [p for p in normalised.split("/") if p not in ("", ".")]
@@ -97,7 +103,7 @@ def _vet_members(
         parts = _member_parts(info.filename, zip_name)
         if _is_symlink(info):
             raise UnsafeArchiveError(
-                f"{zip_name}: member {parts[-1] if parts else ''!r} is a symlink; refusing to extract"
+                f"{zip_name}: member {shown_name(info.filename)!r} is a symlink; refusing to extract"
             )
         if info.is_dir() or not parts:
             continue
@@ -112,7 +118,7 @@ def _vet_members(
             ratio = info.file_size / max(info.compress_size, 1)
             if ratio > limits.max_ratio:
                 raise UnsafeArchiveError(
-                    f"{zip_name}: member {parts[-1]!r} has compression ratio {ratio:,.0f}:1, above the cap of "
+                    f"{zip_name}: member {shown_name(info.filename)!r} has compression ratio {ratio:,.0f}:1, above the cap of "
                     f"{limits.max_ratio:,.0f}:1 (max_ratio; a zip bomb?)"
                 )
         vetted.append((info, parts))
@@ -138,20 +144,28 @@ def safe_extract_zip(
                 if parts[-1] in JUNK_NAMES or parts[0] in JUNK_FOLDERS or parts[-1].startswith("._"):
                     continue
                 if is_archive_member_to_skip(parts[-1]):
-                    result.skipped_archives.append(parts[-1])
+                    result.skipped_archives.append(shown_name(parts[-1]))
                     continue
                 target = dest.joinpath(*parts)
                 # Belt and braces: the checks above already exclude every way out of dest.
                 if os.path.commonpath([dest.resolve(), target.resolve()]) != str(dest.resolve()):
                     raise UnsafeArchiveError(
-                        f"{name}: member {parts[-1]!r} escapes the archive; refusing to extract"
+                        f"{name}: member {shown_name(parts[-1])!r} escapes the archive; refusing to extract"
                     )
-                target.parent.mkdir(parents=True, exist_ok=True)
                 try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
                     out = open(target, "xb")  # closed by the with below; "x": a duplicate must not overwrite
-                except FileExistsError:
-                    raise UnsafeArchiveError(
-                        f"{name}: duplicate member {parts[-1]!r}; refusing to extract"
+                except FileExistsError as e:
+                    if target.exists() and not target.is_dir():
+                        raise UnsafeArchiveError(
+                            f"{name}: duplicate member {shown_name(parts[-1])!r}; refusing to extract"
+                        ) from None
+                    raise ScanReadError(  # a file where a folder must go, or the reverse
+                        f"{name}: cannot extract member {shown_name(parts[-1])!r} ({e.strerror})"
+                    ) from None
+                except OSError as e:  # a name the file system refuses: too long, too deep
+                    raise ScanReadError(
+                        f"{name}: cannot extract member {shown_name(parts[-1])!r} ({e.strerror or type(e).__name__})"
                     ) from None
                 with out, zf.open(info) as src:
                     while chunk := src.read(_CHUNK):
@@ -164,10 +178,19 @@ def safe_extract_zip(
                         out.write(chunk)
                 result.files.append(target)
     except zipfile.BadZipFile as e:
-        raise ScanReadError(f"{name}: not a valid zip archive or a corrupt member ({e})") from None
-    except (zlib.error, EOFError, NotImplementedError) as e:
-        raise ScanReadError(f"{name}: cannot extract ({type(e).__name__}: {e})") from None
+        raise ScanReadError(f"{name}: not a valid zip archive or a corrupt member ({_one_line(e)})") from None
+    except (zlib.error, EOFError, NotImplementedError, ValueError, OverflowError) as e:
+        raise ScanReadError(f"{name}: cannot extract ({type(e).__name__}: {_one_line(e)})") from None
+    except OSError as e:  # corrupt offsets make zipfile seek before the start; a full disk; unreadable file
+        raise ScanReadError(f"{name}: cannot extract ({e.strerror or type(e).__name__})") from None
     return result
+
+
+def _one_line(err: BaseException) -> str:
+    """A zipfile message fit for users: it quotes member paths verbatim, and folder names inside an archive
+    may name patients, so quoted paths keep their base name; control characters become ``?``."""
+    text = re.sub(r"'(?:[^']*/)?([^'/]*)'", r"'\1'", str(err))
+    return re.sub(r"[\x00-\x1f\x7f]", "?", text)
 
 
 @contextmanager

@@ -7,19 +7,24 @@ exhausting memory. ``finish_scan`` runs on every decoded scan so nothing downstr
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
-from medseg.errors import ScanReadError
+from medseg.errors import MedsegError, ScanReadError
 from medseg.io.geometry import Scan
 
 # Caps; every reader also takes them as keyword arguments.
 MAX_VOXELS = 1_000_000_000  # 3D: 1e9 voxels is 4 GB as float32, far above any clinical CT/MR series
 MAX_IMAGE_PIXELS = 89_478_485  # 2D: Pillow's own MAX_IMAGE_PIXELS (~ a 9459 x 9459 image)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ScanReadWarning(UserWarning):
@@ -54,6 +59,30 @@ def safe_reason(err: BaseException | str, *paths: str | Path) -> str:
     line = re.sub(r"^(sitk::ERROR|ITK ERROR|ERROR):\s*", "", line)
     line = re.sub(r"\w+\(0x[0-9a-f]+\):\s*", "", line)  # "PNGImageIO(0x5602...): "
     return re.sub(r"(?:/[^\s\"'/:]+)+/([^\s\"'/:]+)", r"\1", line)  # any remaining absolute path -> base name
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``): file and member names may hold line breaks."""
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def one_line_errors(func: F) -> F:
+    """Decorator for public readers: a ``MedsegError`` leaves with a one-line message (same exception object,
+    type and attributes; only control characters in the message are escaped)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MedsegError as e:
+            if e.args and isinstance(e.args[0], str) and _CONTROL_CHARS.search(e.args[0].strip()):
+                e.args = (one_line(e.args[0].strip()), *e.args[1:])
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 
 def validate_geometry(scan: Scan) -> None:

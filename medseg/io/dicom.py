@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from medseg.errors import ScanReadError, UnsupportedFormatError
@@ -33,6 +34,8 @@ NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "PR",
 MISSING_SLICE_FACTOR = 1.5
 UNIFORM_SPACING_TOLERANCE = 0.01
 SPACING_ABS_TOLERANCE_MM = 1e-3
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_VALID_VRS = frozenset(str(vr) for vr in pydicom.valuerep.VR)
 
 
 class MultipleSeriesError(ScanReadError):
@@ -104,11 +107,44 @@ def read_dicom_header(path: Path) -> Dataset | None:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=force)
     except Exception:  # anything pydicom cannot parse is "not a DICOM image" to us
         return None
-    if "Rows" not in ds or "Columns" not in ds:
-        return None
-    if str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
+    try:
+        if "Rows" not in ds or "Columns" not in ds:
+            return None
+        if str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
+            return None
+        _check_header_values(ds)
+    except Exception:  # noqa: BLE001 - a value medseg relies on does not parse: a damaged header
         return None
     return ds
+
+
+def _check_header_values(ds: Dataset) -> None:
+    """Raise (ValueError, TypeError...) unless every header value medseg interprets parses.
+
+    pydicom converts IS/DS strings lazily, on first access; a damaged header (bit flips found by fuzzing:
+    ``'%766.5'`` in ImagePositionPatient, a garbled transfer syntax UID) would otherwise fail deep inside
+    series sorting or stacking with a bare ValueError. Checked once here, such a file is "unreadable".
+    """
+    int(ds.Rows), int(ds.Columns)
+    for keyword in ("SeriesInstanceUID", "SeriesDescription", "Modality", "PhotometricInterpretation",
+                    "SOPInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
+        str(ds.get(keyword, ""))  # an unknown VR (a flipped bit in the VR letters) raises here
+    for keyword in ("SamplesPerPixel", "NumberOfFrames", "BitsAllocated", "SeriesNumber", "InstanceNumber"):
+        value = ds.get(keyword)
+        if value not in (None, ""):
+            int(value)
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = ds.get(keyword)
+        if value not in (None, ""):
+            float(value)
+    for keyword in ("ImageOrientationPatient", "ImagePositionPatient"):
+        value = ds.get(keyword)
+        if value is not None:
+            np.asarray(value, dtype=float)
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if syntax is not None and not pydicom.uid.UID(syntax).is_transfer_syntax:
+        raise ValueError(f"unknown transfer syntax {syntax!r}")
 
 
 def discover_series(files: Iterable[Path]) -> tuple[list[_Series], list[Path]]:
@@ -311,18 +347,22 @@ def _check_pixel_data_complete(files: Sequence[Path], name: str) -> None:
     file it was; a full pydicom read (no decoding) finds it in about a millisecond per file.
     """
     for path in files:
+        _check_declared_lengths(path, name)
         with warnings.catch_warnings():
             warnings.simplefilter(
                 "ignore"
             )  # pydicom warns "End of file reached..." before dropping the element
             try:
                 ds = pydicom.dcmread(path)
+                pixels = ds.get("PixelData")  # may raise too: an unknown VR on the element (damaged file)
             except Exception:  # anything pydicom cannot parse past the header is damaged
-                ds = None
-        pixels = ds.get("PixelData") if ds is not None else None
-        if pixels is None:
+                ds = pixels = None
+        if ds is None or pixels is None:
             raise ScanReadError(f"{name}: {path.name} is truncated or corrupt (no complete pixel data)")
-        if not ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian).is_compressed:
+        syntax = pydicom.uid.UID(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian))
+        if not syntax.is_transfer_syntax:
+            raise UnsupportedFormatError(f"{name}: {path.name} has an unknown transfer syntax")
+        if not syntax.is_compressed:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             samples = int(ds.get("SamplesPerPixel", 1) or 1)
             expected = (
@@ -332,6 +372,38 @@ def _check_pixel_data_complete(files: Sequence[Path], name: str) -> None:
                 raise ScanReadError(
                     f"{name}: {path.name} is truncated ({len(pixels):,} of {expected:,} bytes of pixel data)"
                 )
+
+
+def _check_declared_lengths(path: Path, name: str) -> None:
+    """Refuse a file with an element that claims more bytes than the file holds, or has no valid VR.
+
+    Found by fuzzing (tests/reliability): GDCM allocates an element's declared length before reading it, so a
+    38 KB file whose trailing element claims 3 GB made ``SimpleITK.ReadImage`` take 3.2 GB of memory (pydicom
+    reads what is there); one flipped bit in a VR (``AE`` -> ``AG``) made GDCM read the value bytes as a 4-byte
+    length (1.3 GB). pydicom with ``defer_size`` records every top-level element's VR, length and offset
+    without reading large values, which is all this check needs (about a millisecond per file).
+    """
+    size = path.stat().st_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, defer_size=1024, force=True)
+            raws = [ds.get_item(tag, keep_deferred=True) for tag in ds.keys()]
+            meta = getattr(ds, "file_meta", None)
+            if meta is not None:
+                raws += [meta.get_item(tag, keep_deferred=True) for tag in meta.keys()]
+        except Exception:  # noqa: BLE001 - unparsable: the full read below reports it
+            return
+    for raw in raws:
+        if not isinstance(raw, RawDataElement):
+            continue
+        if raw.VR is not None and raw.VR not in _VALID_VRS:
+            raise ScanReadError(f"{name}: {path.name} is corrupt (element {raw.tag} has no valid VR)")
+        if raw.length != _UNDEFINED_LENGTH and raw.value_tell + raw.length > size:
+            raise ScanReadError(
+                f"{name}: {path.name} is truncated or corrupt (element {raw.tag} claims {raw.length:,} bytes, "
+                f"the file holds {size:,})"
+            )
 
 
 def _first_undecodable(files: Sequence[Path]) -> Path | None:

@@ -12,6 +12,7 @@ Spacing: (1, 1) unless the file states a physical resolution: PNG ``pHYs`` in me
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,10 @@ _EXIF_ORIENTATION = 0x0112
 _TO_RGB_MODES = {"P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 _TO_GRAY_MODES = {"1", "LA", "La"}
 _UINT16_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+_CORRUPT_DATA_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError, struct.error, ZeroDivisionError,
+    OverflowError,
+)
 
 
 def read_raster(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, as_mask: bool = False) -> Scan:
@@ -63,8 +68,9 @@ def read_raster(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, as_mask: bool
         raise ScanReadError(f"{name}: image too large ({safe_reason(e, path)})") from None
     except UnidentifiedImageError:
         raise ScanReadError(f"{name}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError.
+    except _CORRUPT_DATA_ERRORS as e:
+        # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError, and damaged TIFF tags as
+        # TypeError/KeyError/IndexError/struct.error (found by fuzzing, tests/reliability).
         raise ScanReadError(f"{name}: corrupt or truncated image ({safe_reason(e, path)})") from None
     geometry = Geometry(
         spacing=spacing,

@@ -20,7 +20,14 @@ import SimpleITK as sitk
 
 from medseg.errors import ScanReadError, UnsupportedFormatError
 from medseg.io.archive import ArchiveLimits, ExtractedArchive, extracted_zip
-from medseg.io.checks import MAX_IMAGE_PIXELS, MAX_VOXELS, ScanReadWarning, finish_scan, safe_reason
+from medseg.io.checks import (
+    MAX_IMAGE_PIXELS,
+    MAX_VOXELS,
+    ScanReadWarning,
+    finish_scan,
+    one_line_errors,
+    safe_reason,
+)
 from medseg.io.dicom import (
     DicomSeriesInfo,
     choose_series,
@@ -56,6 +63,7 @@ class _Caps:
         self.archive_limits = archive_limits
 
 
+@one_line_errors
 def read_scan(
     source: ScanSource,
     series_uid: str | None = None,
@@ -84,6 +92,7 @@ def read_scan(
     return finish_scan(_read_source(source, series_uid, caps, as_mask=False))
 
 
+@one_line_errors
 def read_mask(
     source: ScanSource,
     *,
@@ -119,6 +128,7 @@ def read_mask(
     return scan
 
 
+@one_line_errors
 def list_dicom_series(
     source: ScanSource, *, archive_limits: ArchiveLimits | None = None
 ) -> list[DicomSeriesInfo]:
@@ -141,14 +151,22 @@ def list_dicom_series(
     return [s.info() for s in series]
 
 
-def is_dicom_folder(path: PathLike) -> bool:
-    """True when ``path`` is a folder holding at least one DICOM image file (stops at the first one found)."""
+def is_dicom_folder(path: PathLike, *, recursive: bool = True) -> bool:
+    """True when ``path`` is a folder holding at least one DICOM image file (stops at the first one found).
+
+    ``recursive=False`` looks at the folder's own files only: a batch folder with DICOM series in
+    sub-folders beside other scans is not itself one DICOM input.
+    """
     folder = Path(path)
     if not folder.is_dir():
         return False
-    return any(read_dicom_header(f) is not None for f in _dicom_candidates(_list_folder(folder)))
+    files = _list_folder(folder) if recursive else sorted(
+        f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.name not in _JUNK_NAMES
+    )
+    return any(read_dicom_header(f) is not None for f in _dicom_candidates(files))
 
 
+@one_line_errors
 def read_probabilities(path: PathLike) -> tuple[np.ndarray, Geometry]:
     """Read what ``write_probabilities`` wrote: ``(C, *spatial)`` float32 probabilities and their Geometry."""
     path = Path(path)
@@ -303,6 +321,8 @@ def _list_folder(folder: Path) -> list[Path]:
 def _require_exists(path: Path) -> None:
     if not path.exists():
         raise ScanReadError(f"{path.name or path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):  # a FIFO or device would block or never end
+        raise ScanReadError(f"{path.name or path}: not a regular file or folder")
 
 
 def _info_with_member_paths(info: DicomSeriesInfo, archive: ExtractedArchive) -> DicomSeriesInfo:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import struct
 import zlib
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def read_volume(path: Path, *, max_voxels: int = MAX_VOXELS) -> Scan:
     fmt = detect_format(path)
     if fmt in _DATA_FILE_PATTERNS:
         _check_data_file_reference(path, fmt)
+    if fmt == ScanFormat.nifti:
+        _check_nifti_geometry_fields(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -83,17 +86,59 @@ def read_volume(path: Path, *, max_voxels: int = MAX_VOXELS) -> Scan:
     return Scan(array=array, geometry=Geometry.from_sitk(image), source=name, meta={"format": str(fmt)})
 
 
+# NIfTI-1 / NIfTI-2 header layouts: (float format, [(field, offset, count)]) for the geometry fields.
+_NIFTI_GEOMETRY_LAYOUTS = {
+    348: ("f", [("pixdim", 80, 3), ("quatern", 256, 3), ("qoffset", 268, 3), ("srow_x", 280, 4),
+                ("srow_y", 296, 4), ("srow_z", 312, 4)]),
+    540: ("d", [("pixdim", 112, 3), ("quatern", 352, 3), ("qoffset", 376, 3), ("srow_x", 400, 4),
+                ("srow_y", 432, 4), ("srow_z", 464, 4)]),
+}
+
+
+def _check_nifti_geometry_fields(path: Path) -> None:
+    """Refuse NaN/inf in a NIfTI header's spacing, quaternion, offsets and affine rows, before ITK sees them.
+
+    Found by fuzzing (tests/reliability): ITK's NIfTI reader never returns from ``ReadImageInformation`` on a
+    non-orthogonal sform with an infinite offset (SimpleITK 2.5.7); other non-finite values it silently
+    replaces. Such a header is damaged either way.
+    """
+    try:
+        opener = gzip.open if full_suffix(path) == ".nii.gz" else open
+        with opener(path, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return  # unreadable: ITK's own error names the problem
+    if len(head) < 348:
+        return
+    for endian in ("<", ">"):
+        (size,) = struct.unpack_from(endian + "i", head, 0)
+        if size in _NIFTI_GEOMETRY_LAYOUTS and len(head) >= size:
+            break
+    else:
+        return  # not a NIfTI header layout we know; ITK decides
+    fmt, fields = _NIFTI_GEOMETRY_LAYOUTS[size]
+    for field_name, offset, count in fields:
+        values = struct.unpack_from(f"{endian}{count}{fmt}", head, offset)
+        if not all(math.isfinite(v) for v in values):
+            raise ScanReadError(
+                f"{path.name}: non-finite value in the NIfTI header's {field_name} {values}; the geometry is damaged"
+            )
+
+
 def _check_nifti_data_length(path: Path, reader: sitk.ImageFileReader) -> None:
     """Raise when the file holds fewer voxel bytes than its header promises (SimpleITK would zero-fill)."""
     keys = set(reader.GetMetaDataKeys())
     if not {"vox_offset", "bitpix", "dim[0]"} <= keys:
         return  # not the NIfTI header layout we know; SimpleITK's own checks are all we have
-    ndim = int(reader.GetMetaData("dim[0]"))
-    dims = [int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]
-    expected = (
-        int(float(reader.GetMetaData("vox_offset")))
-        + math.prod(dims) * int(reader.GetMetaData("bitpix")) // 8
-    )
+    try:
+        ndim = int(reader.GetMetaData("dim[0]"))
+        dims = [int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]
+        expected = (
+            int(float(reader.GetMetaData("vox_offset")))
+            + math.prod(dims) * int(reader.GetMetaData("bitpix")) // 8
+        )
+    except (ValueError, OverflowError, RuntimeError):  # NaN/inf offset, missing dim[i]: ITK judges the rest
+        return
     if full_suffix(path) == ".nii.gz":
         available = _gzip_length_up_to(path, expected)
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import pickle
 import re
 import warnings
 import zipfile
@@ -270,6 +271,28 @@ def load_imagenet_hub(model: nn.Module) -> LoadReport:
     return _strict_encoder_load(model.encoder, hub.state_dict(), model.in_channels, f"imagenet-hub:{name}")
 
 
+def load_checkpoint(path: Path) -> object:
+    """A torch checkpoint (``.pth``/``.pt``/``.ckpt``, e.g. Lightning's ``last.ckpt``) read with
+    ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, nothing is unpickled.
+
+    Raises ``ConfigError`` naming the file when it holds Python objects or code (a tampered checkpoint), or is
+    damaged or truncated.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only=True raises for anything but tensors and containers
+        refused = re.search(r"Unsupported (?:global|operand)[^.\n]*", str(e))
+        raise ConfigError(
+            f"{path.name}: refused to load: it holds Python objects or code that torch.load(weights_only=True) "
+            f"does not unpickle ({refused.group(0) if refused else _first_line(e)}); convert it to .safetensors"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - not a torch file, truncated zip, ...
+        raise ConfigError(
+            f"{path.name}: cannot be read as a checkpoint (torch.load weights_only=True: {_first_line(e)})"
+        ) from None
+
+
 def read_state_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from ``.safetensors``, or ``.pth``/``.pt``/``.ckpt``/``.bin`` via ``torch.load(weights_only=True)``.
 
@@ -277,11 +300,11 @@ def read_state_file(path: Path) -> dict[str, torch.Tensor]:
     unwrapped; non-tensor entries are dropped.
     """
     if path.suffix == ".safetensors":
-        return load_safetensors_file(str(path), device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - includes refusing pickled objects
-        raise ConfigError(f"{path}: cannot be read as weights (torch.load weights_only=True: {e})") from None
+        try:
+            return load_safetensors_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - SafetensorError: damaged or not safetensors
+            raise ConfigError(f"{path.name}: cannot be read as safetensors weights ({_first_line(e)})") from None
+    obj = load_checkpoint(path)
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
@@ -289,6 +312,12 @@ def read_state_file(path: Path) -> dict[str, torch.Tensor]:
                 break
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     raise ConfigError(f"{path}: holds {type(obj).__name__}, not a mapping of weight names to tensors")
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of a library message, without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
 
 
 def read_bundle_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -44,3 +44,20 @@ def test_sgdr_restarts_at_cycle_ends() -> None:
 def test_warmup_shifts_the_schedule_clock() -> None:
     f = build_schedule("cosine", 110, warmup_steps=10, min_ratio=0.0)
     assert f(60) == pytest.approx(0.5)  # 50 steps into a 100-step cosine
+
+
+def test_epoch_valued_params_become_steps() -> None:
+    from medseg.engine.schedules import params_in_steps
+
+    assert params_in_steps({"t0_epochs": 2, "t_mult": 2, "min_ratio": 0.0}, 50) == {"t0": 100, "t_mult": 2, "min_ratio": 0.0}
+    assert params_in_steps({"step_size_epochs": 0.5}, 3) == {"step_size": 2}
+
+
+def test_snapshot_steps_are_the_sgdr_cycle_ends_after_warmup() -> None:
+    from medseg.engine.schedules import snapshot_steps
+
+    assert snapshot_steps("sgdr", 80, 10, t0=10, t_mult=2) == [20, 40, 80]
+    assert snapshot_steps("sgdr", 40) == [10, 20, 30, 40]  # default t0: a quarter of the run
+    assert snapshot_steps("cosine", 80, 10) == []
+    f = build_schedule("sgdr", 80, 10, t0=10, t_mult=2, min_ratio=0.0)
+    assert all(f(s) == pytest.approx(1.0) for s in (20, 40))  # each snapshot step is followed by a restart

@@ -1,0 +1,416 @@
+"""`medseg doctor`: check a setup before a long run, and say what is wrong in plain words.
+
+1. **Data**: pairs found; raw mask values against ``data.label_map``; class balance after mapping; empty
+   masks; intensity ranges and constant images; sizes and spacings, with outliers.
+2. **Initial loss**: cross-entropy of the untrained model against its value at chance, ``ln C``.
+3. **Overfit a tiny subset**: a few fixed batches, no augmentation or weight decay, the configured optimiser
+   and learning rate: a sound setup memorises them (Dice near 1). Divergence means the learning rate is too
+   high; unchanged weights mean everything is frozen (or the rate is 0).
+4. **LR range test**: Lightning's LR finder (``Tuner.lr_find``) — loss against an exponentially growing
+   rate, a plot ``OUT/lr_find.png`` and a suggested rate compared with ``train.lr``.
+
+Every finding is a `Check` with a stable ``code`` (e.g. ``label_map_mismatch``, ``lr_too_high``, ``frozen``)
+and a severity; errors stop the checks that depend on them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medseg.config import ExperimentConfig
+from medseg.data import Case
+from medseg.errors import MedsegError
+from medseg.io import read_scan
+from medseg.metrics import mean_foreground_dice, per_label_metrics
+
+log = logging.getLogger("medseg")
+
+Severity = Literal["ok", "info", "warning", "error"]
+
+
+@dataclass(frozen=True)
+class Check:
+    code: str
+    severity: Severity
+    message: str
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+    suggested_lr: float | None = None
+    lr_plot: Path | None = None
+
+    def add(self, code: str, severity: Severity, message: str) -> None:
+        self.checks.append(Check(code, severity, message))
+
+    @property
+    def codes(self) -> set[str]:
+        return {c.code for c in self.checks}
+
+    @property
+    def problems(self) -> list[Check]:
+        return [c for c in self.checks if c.severity in ("warning", "error")]
+
+    @property
+    def has_errors(self) -> bool:
+        return any(c.severity == "error" for c in self.checks)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _names(items: list[str], n: int = 3) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_data(cfg: ExperimentConfig, cases: list[Case], report: DoctorReport, max_cases: int = 200) -> None:
+    """Read up to ``max_cases`` cases (evenly spread) and report on labels, balance, intensities and sizes."""
+    d = cfg.data
+    chosen = cases if len(cases) <= max_cases else [cases[i] for i in np.linspace(0, len(cases) - 1, max_cases).astype(int)]
+    root = d.root or d.datalist
+    report.add("data_found", "ok", f"{len(cases)} image/mask pairs found in {root}"
+               + (f"; checking {len(chosen)} of them" if len(chosen) < len(cases) else ""))
+    unmapped: dict[int, list[str]] = {}
+    shape_mismatch, unreadable, empty, constant = [], [], [], []
+    class_pixels: Counter[int] = Counter()
+    sizes, spacings, ranges, dtypes, channels = [], Counter(), [], Counter(), Counter()
+    for case in chosen:
+        try:
+            scan = read_scan(case.image)
+            mask = read_scan(case.mask) if case.mask else None
+        except MedsegError as e:
+            unreadable.append(f"{e}")
+            continue
+        arr = scan.array.astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        ranges.append((lo, hi))
+        dtypes[str(scan.array.dtype)] += 1
+        channels[scan.channels_first().shape[0]] += 1
+        if hi <= lo:
+            constant.append(case.image.name)
+        sizes.append((case.image.name, scan.spatial_shape))
+        spacings[tuple(round(s, 3) for s in scan.geometry.spacing_zyx)] += 1
+        if mask is None:
+            continue
+        m = mask.array if mask.array.ndim == mask.spatial_ndim else mask.array[..., 0]
+        if m.shape != scan.spatial_shape:
+            shape_mismatch.append(f"{case.mask.name} {m.shape} vs image {scan.spatial_shape}")
+            continue
+        values, counts = np.unique(m, return_counts=True)
+        mapped_any_fg = False
+        for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+            if int(v) != v or int(v) not in d.label_map:
+                unmapped.setdefault(v, []).append(case.mask.name)
+            else:
+                cls = d.label_map[int(v)]
+                class_pixels[cls] += c
+                mapped_any_fg |= cls != 0
+        if not mapped_any_fg:
+            empty.append(case.mask.name)
+
+    if unreadable:
+        report.add("unreadable", "error", f"{len(unreadable)} case(s) cannot be read: {_names(unreadable, 2)}")
+    if shape_mismatch:
+        report.add("mask_shape_mismatch", "error", f"{len(shape_mismatch)} mask(s) differ in shape from their image: {_names(shape_mismatch)}")
+    if unmapped:
+        raw = sorted({v for v in unmapped})
+        n_masks = len({n for names in unmapped.values() for n in names})
+        seen = sorted(set(raw) | {v for v in d.label_map if class_pixels.get(d.label_map[v])})
+        hint = "{" + ", ".join(f"{v}: {i}" for i, v in enumerate(seen)) + "}"
+        report.add("label_map_mismatch", "error",
+                   f"mask values {raw[:10]} in {n_masks} of {len(chosen)} masks are not in data.label_map "
+                   f"{dict(sorted(d.label_map.items()))} (e.g. {_names(sorted({n for ns in unmapped.values() for n in ns}), 2)}): "
+                   f"set data.label_map to map every raw value to a class, e.g. {hint}")
+    total = sum(class_pixels.values())
+    if total:
+        shares = {k: class_pixels.get(k, 0) / total for k in sorted(d.labels)}
+        report.add("class_balance", "info", "class balance (pixels): " + ", ".join(f"{d.labels[k]} {100 * s:.2f}%" for k, s in shares.items()))
+        absent = [d.labels[k] for k, s in shares.items() if s == 0 and k != 0]
+        if absent and not unmapped:
+            report.add("class_absent", "error", f"class(es) {absent} never occur in the masks after label mapping: "
+                       "check data.label_map and data.labels")
+        rare = [f"{d.labels[k]} ({100 * s:.2f}%)" for k, s in shares.items() if 0 < s < 0.01 and k != 0]
+        if rare:
+            report.add("class_imbalance", "warning", f"rare class(es) {rare}: keep a Dice term in the loss (dice_ce) "
+                       "or class weights, and check that patches contain them")
+    if empty:
+        share = len(empty) / max(1, len(chosen))
+        report.add("empty_masks", "warning" if share > 0.2 else "info",
+                   f"{len(empty)} mask(s) have no foreground ({_names(empty)}): fine if intended (negatives), "
+                   "otherwise a wrong label map or an export error")
+    if constant:
+        report.add("constant_images", "warning", f"{len(constant)} image(s) are constant (one value): {_names(constant)}")
+    if ranges:
+        lows, highs = np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
+        report.add("intensity", "info", f"intensities {lows.min():g}..{highs.max():g} (dtypes {dict(dtypes)}, channels {dict(channels)}); "
+                   f"normalised with '{d.intensity}' to [0, 1]")
+        if np.median(highs) > 0 and (highs.max() > 20 * np.median(highs) or highs.min() < np.median(highs) / 20):
+            report.add("intensity_outliers", "warning", f"image maxima range from {highs.min():g} to {highs.max():g} "
+                       f"(median {np.median(highs):g}): mixed bit depths or modalities?")
+    if sizes:
+        areas = np.array([float(np.prod(s)) for _, s in sizes])
+        med = float(np.median(areas))
+        shapes = [s for _, s in sizes]
+        report.add("sizes", "info", f"sizes from {min(shapes)} to {max(shapes)} (array order); patch {tuple(d.patch_size)}"
+                   + (f"; spacings {dict(spacings.most_common(3))}" if len(spacings) > 1 else f"; spacing {next(iter(spacings))}"))
+        outliers = [f"{n} {s}" for (n, s), a in zip(sizes, areas, strict=True) if a > 4 * med or a < med / 4]
+        if outliers:
+            report.add("size_outliers", "warning", f"{len(outliers)} case(s) far from the median size: {_names(outliers)}")
+        if len(spacings) > 1 and any(s != (1.0,) * len(s) for s in spacings):
+            report.add("mixed_spacing", "info", f"{len(spacings)} different spacings: fine for 2D microscopy, "
+                       "check for volumes (metrics in mm use each case's own spacing)")
+
+
+# ------------------------------------------------------------------------------------------- training
+def _fixed_batches(cfg: ExperimentConfig, cases: list[Case], n_batches: int) -> list[dict[str, torch.Tensor]]:
+    """``n_batches`` batches of patches without augmentation, drawn once and reused every step."""
+    from medseg.data.dataset import PatchDataset, build_case_cache
+    from medseg.transforms.augment import build_augmentation_2d
+
+    bs = cfg.train.batch_size
+    cache = build_case_cache(cases, cfg)
+    augment = build_augmentation_2d("none", cfg.data.patch_size, cfg.data.input_channels,
+                                    padding_mode=cfg.augment.padding_mode, seed=cfg.train.seed)
+    ds = PatchDataset(cache, cfg, augment, bs * n_batches)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    dl = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, generator=g)
+    return list(dl)
+
+
+def _optimizer(cfg: ExperimentConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    from medseg.models.transfer import param_groups
+
+    t = cfg.train
+    groups = param_groups(model, lr, 0.0, cfg.model.encoder_lr_mult, t.no_decay_on_bias_norm)  # no regularisation
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov)
+    return (torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW)(groups, lr=lr)
+
+
+def _loss(loss_fn, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return loss_fn(logits, batch["label"], batch.get("weight"))
+
+
+def _main_logits(out) -> torch.Tensor:
+    return out[0] if isinstance(out, list | tuple) else out
+
+
+def check_initial_loss(cfg: ExperimentConfig, model: torch.nn.Module, batches, report: DoctorReport) -> None:
+    """Cross-entropy at initialisation against ln C: far above means over-confident random logits."""
+    from medseg.losses import build_loss
+
+    model.train()
+    with torch.no_grad():
+        out = model(batches[0]["image"])
+        logits = _main_logits(out)
+        ce = float(F.cross_entropy(logits, batches[0]["label"]))
+        configured = float(_loss(build_loss(cfg.loss), out, batches[0]))
+    chance = math.log(cfg.data.num_classes)
+    if not math.isfinite(ce) or not math.isfinite(configured):
+        report.add("nan_loss", "error", f"the loss of the untrained model is not finite (cross-entropy {ce}, {cfg.loss.name} {configured}): "
+                   "check the inputs for NaN/inf and the loss settings")
+    elif ce > 2 * chance + 0.5:
+        report.add("initial_loss_high", "warning", f"initial cross-entropy {ce:.3f} is far above its value at chance ln {cfg.data.num_classes} = {chance:.3f}: "
+                   "the untrained model is confidently wrong — check the output layer's initialisation or pretrained head")
+    else:
+        report.add("initial_loss_ok", "ok", f"initial cross-entropy {ce:.3f} ≈ ln {cfg.data.num_classes} = {chance:.3f} at chance "
+                   f"({cfg.loss.name}: {configured:.3f})")
+
+
+def check_overfit(cfg: ExperimentConfig, model: torch.nn.Module, batches, report: DoctorReport, steps: int,
+                  target_dice: float = 0.9) -> None:
+    """Train on the fixed batches only; a sound setup memorises them."""
+    from medseg.losses import build_loss
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in model.parameters())
+    if not trainable:
+        report.add("frozen", "error", f"no parameter is trainable (all {n_params:,} are frozen): nothing can learn — "
+                   "unfreeze the model (model.transfer: full, or fewer model.freeze_stages)")
+        return
+    loss_fn = build_loss(cfg.loss)
+    opt = _optimizer(cfg, model, cfg.train.lr)
+    before = [p.detach().clone() for p in trainable]
+    losses = []
+    model.train()
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(loss_fn, model(batch["image"]), batch)
+        if not torch.isfinite(loss):
+            losses.append(float("nan"))
+            break
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    first, last = losses[0], losses[-1]
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(trainable, before, strict=True))
+    if not math.isfinite(last) or last > 1.5 * first + 1e-6 or (len(losses) > 4 and max(losses) > 10 * first):
+        report.add("lr_too_high", "error", f"training on {len(batches)} fixed batch(es) diverged at train.lr={cfg.train.lr:g} "
+                   f"(loss {first:.3f} → {last:.3g} after {len(losses)} steps): lower the learning rate (see the LR range test), "
+                   "add warmup or gradient clipping")
+        return
+    if moved == 0.0:
+        report.add("frozen", "error", f"no weight changed in {steps} optimiser steps: the learning rate is 0 "
+                   f"(train.lr={cfg.train.lr:g}, model.encoder_lr_mult={cfg.model.encoder_lr_mult:g}) or every trainable part is frozen")
+        return
+    model.eval()
+    with torch.no_grad():
+        dice = np.mean([
+            mean_foreground_dice(per_label_metrics(_main_logits(model(b["image"])).argmax(1)[i], b["label"][i], cfg.data.num_classes, hd95=False))
+            for b in batches for i in range(len(b["label"]))
+        ])
+    share = sum(p.numel() for p in trainable) / n_params
+    frozen_note = f" ({100 * (1 - share):.0f}% of the weights frozen)" if share < 1 else ""
+    if dice >= target_dice:
+        report.add("overfit_ok", "ok", f"memorised {len(batches)} fixed batch(es) in {steps} steps: Dice {dice:.3f}, loss {first:.3f} → {last:.3f}{frozen_note}")
+    else:
+        report.add("cannot_overfit", "warning", f"after {steps} steps on {len(batches)} fixed batch(es) Dice is only {dice:.3f} "
+                   f"(loss {first:.3f} → {last:.3f}){frozen_note}: a setup that cannot memorise a few patches will not learn the dataset — "
+                   "check labels against images, the loss, the learning rate, frozen layers; or run more doctor steps")
+
+
+def lr_range_test(cfg: ExperimentConfig, model: torch.nn.Module, cases: list[Case], out_dir: Path, report: DoctorReport,
+                  steps: int) -> None:
+    """Lightning's LR finder over the configured training patches; plot and suggestion."""
+    import lightning as L
+    from lightning.pytorch.tuner import Tuner
+
+    from medseg.engine.module import SegModule
+    from medseg.engine.train import build_dataloaders
+
+    run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"samples_per_epoch": cfg.train.batch_size * (steps + 1)})})
+    train_dl, _ = build_dataloaders(run_cfg, cases, cases[:1])
+    module = SegModule(run_cfg, model=model)
+    trainer = L.Trainer(default_root_dir=out_dir, max_epochs=1, accelerator=cfg.train.accelerator, devices=1,
+                        precision=cfg.train.precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    try:
+        finder = Tuner(trainer).lr_find(module, train_dataloaders=train_dl, min_lr=1e-7, max_lr=10.0,
+                                        num_training=steps, early_stop_threshold=4.0, update_attr=False)
+    except Exception as e:  # the finder fails on degenerate curves; the other checks still stand
+        report.add("lr_find_failed", "warning", f"LR range test failed: {e}")
+        return
+    if finder is None:
+        return
+    lrs, losses = np.asarray(finder.results["lr"], float), np.asarray(finder.results["loss"], float)
+    suggestion, blowup = suggest_lr(lrs, losses), divergence_lr(lrs, losses)
+    path = Path(out_dir) / "lr_find.png"
+    plot_lr_range(lrs, losses, suggestion, cfg.train.lr, path)
+    report.lr_plot = path
+    report.suggested_lr = suggestion
+    lr = cfg.train.lr
+    if blowup is not None and lr >= blowup / 3:
+        report.add("lr_too_high", "warning", f"train.lr={lr:g} is at or beyond where the loss blew up in the LR range test "
+                   f"({blowup:.2g}; plot: {path}): expect divergence; try {suggestion or blowup / 30:.2g}")
+    elif suggestion is None:
+        report.add("lr_find_failed", "warning", f"LR range test gave no suggestion (curve too short; plot: {path})")
+    elif lr < suggestion / 30:
+        report.add("lr_low", "info", f"train.lr={lr:g} is far below the LR range test's suggestion {suggestion:.2g} (plot: {path}): training may be slow")
+    else:
+        report.add("lr_suggestion", "ok", f"LR range test suggests {suggestion:.2g} (loss blew up at {blowup or float('nan'):.2g}); "
+                   f"train.lr={lr:g} is in range (plot: {path})")
+
+def divergence_lr(lrs: np.ndarray, losses: np.ndarray) -> float | None:
+    """The first rate at which the loss is not finite or above 4x its minimum so far (where it blew up)."""
+    best = np.inf
+    for lr, loss in zip(lrs, losses, strict=True):
+        if not np.isfinite(loss) or loss > 4 * best:
+            return float(lr)
+        best = min(best, loss)
+    return None
+
+
+def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> float | None:
+    """Steepest descent of the (smoothed) loss against log LR, looked for only before the divergence:
+    on short, noisy curves Lightning's own suggestion can land on the cliff where the loss explodes."""
+    div = divergence_lr(lrs, losses)
+    n = len(lrs) if div is None else int(np.searchsorted(lrs, div))
+    if n < 5:
+        return None
+    grad = np.gradient(losses[:n], np.log10(lrs[:n]))
+    skip = n // 10  # the first points carry the smoothing's warm-up
+    return float(lrs[skip + int(np.argmin(grad[skip:]))])
+
+
+def plot_lr_range(lrs: np.ndarray, losses: np.ndarray, suggestion: float | None, configured: float, path: Path) -> None:
+    """Loss against learning rate (log x). Points after divergence (loss above 4x its minimum) are left out,
+    or they would squash the useful part of the curve to a flat line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keep = np.isfinite(losses)
+    if keep.any():
+        keep &= losses <= 4 * losses[keep].min()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(lrs[keep], losses[keep], "-", color="tab:blue", label="training loss")
+    if suggestion is not None:
+        ax.axvline(suggestion, color="tab:green", ls="--", label=f"suggested {suggestion:.2g}")
+    ax.axvline(configured, color="tab:red", ls=":", label=f"train.lr {configured:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.set_title("LR range test")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run_doctor(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    *,
+    model: torch.nn.Module | None = None,
+    max_cases: int = 200,
+    overfit_batches: int = 2,
+    overfit_steps: int = 60,
+    lr_find: bool = True,
+    lr_find_steps: int = 60,
+) -> DoctorReport:
+    """All checks in order (see module docstring); ``model`` replaces the configured one (e.g. to check a
+    model prepared in code). Writes ``OUT/lr_find.png``."""
+    from medseg.engine.train import load_cases
+    from medseg.models import build_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = DoctorReport()
+    torch.manual_seed(cfg.train.seed)
+    try:
+        cases = load_cases(cfg)
+    except MedsegError as e:
+        report.add("no_data", "error", str(e))
+        return report
+    check_data(cfg, cases, report, max_cases)
+    if report.has_errors:
+        return report  # the training checks would only fail on the same problem
+    if model is None:
+        model = build_model(cfg.model, cfg.data.input_channels, cfg.data.num_classes)
+    initial_state = copy.deepcopy(model.state_dict())
+    try:
+        batches = _fixed_batches(cfg, cases[: max(1, overfit_batches * cfg.train.batch_size)], overfit_batches)
+    except MedsegError as e:
+        report.add("data_pipeline", "error", str(e))
+        return report
+    check_initial_loss(cfg, model, batches, report)
+    if report.has_errors:
+        return report
+    check_overfit(cfg, model, batches, report, overfit_steps)
+    if lr_find and not {"frozen"} & report.codes:
+        model.load_state_dict(initial_state)  # the range test starts from the untrained weights
+        lr_range_test(cfg, model, cases[:32], out_dir, report, lr_find_steps)  # patches of a few cases suffice
+    return report
