@@ -234,7 +234,7 @@ def serve(
     max_upload_mb: Annotated[int | None, typer.Option(help="Largest upload in MB; larger get 413")] = None,
     job_ttl: Annotated[float | None, typer.Option(help="Seconds a finished job's files are kept")] = None,
 ) -> None:
-    """Inference service (FastAPI + uvicorn): POST /v1/segment, GET /v1/jobs/{id}[/mask|/report|/uncertainty]."""
+    """Inference service (FastAPI + uvicorn): POST /v1/segment, GET /v1/jobs/{id} and its mask, report and uncertainty."""
     from medseg.service.server import serve as run_server
     from medseg.service.settings import ServiceSettings
 
