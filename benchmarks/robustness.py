@@ -14,8 +14,8 @@
 2. Interrupted writes: processes writing masks and bundles are SIGKILLed at random moments and at exact
    points (temp file complete before the rename; between a bundle's two renames); afterwards the output must
    load and be one complete version.
-3. Training: ``medseg train`` (tiny config) is SIGKILLed mid-epoch, while a checkpoint is written, right
-   after one and while the bundle is written, resumed with ``--resume`` each time, and finishes;
+3. Training: ``medseg train`` (tiny config) is SIGKILLed mid-epoch 1, while the next checkpoint is written,
+   right after the one after and while the bundle is written, resumed with ``--resume`` each time, and finishes;
    ``--reference`` also runs it uninterrupted and compares val Dice per epoch.
 
 Environment: MEDSEG_FUZZ_CASE_TIMEOUT (hang bound, s), MEDSEG_FUZZ_MEMORY_MB (address space per worker).

@@ -39,7 +39,8 @@ def main() -> None:
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     warnings.simplefilter("ignore")
-    work = Path(tempfile.mkdtemp(prefix="medseg-atheris-"))
+    # In the working directory, not /tmp: libFuzzer ends the process with exit(), so no cleanup code runs.
+    work = Path(tempfile.mkdtemp(prefix="medseg-atheris-", dir=os.getcwd()))
 
     def test_one_input(data: bytes) -> None:
         if len(data) < 2:

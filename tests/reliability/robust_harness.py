@@ -1234,7 +1234,7 @@ class WriterChild:
 TRAIN_ARGS = ["--epochs", "4", "--limit-cases", "8", "--set", "data.patch_size=[64, 64]", "--set",
               "train.batch_size=4", "--set", "model.pretrained=none", "--set", "data.folds=4", "--set",
               "train.deterministic=true", "--set", "train.samples_per_epoch=16", "--set", "data.num_workers=0"]
-KILL_POINTS = ("random", "checkpoint_write", "after_checkpoint", "bundle_write")
+KILL_POINTS = ("mid_epoch", "checkpoint_write", "after_checkpoint", "bundle_write")
 
 
 @dataclass
@@ -1291,10 +1291,19 @@ def _wait_for_kill_point(proc: subprocess.Popen, point: str, out: Path, tmpdir: 
     start = time.monotonic()
     mtime0 = ckpt.stat().st_mtime_ns if ckpt.exists() else None
     staged0 = set(tmpdir.iterdir())
-    delay = rng.uniform(5, 40)
+    fit_started = ckpt_seen = kill_at = None
     while proc.poll() is None and time.monotonic() - start < timeout:
-        if point == "random" and time.monotonic() - start > delay:
-            return f"random moment ({delay:.0f} s after start)"
+        now = time.monotonic()
+        if point == "mid_epoch":
+            # The first checkpoint ends an epoch; the time since fit started (CSVLogger makes logs/ then) is
+            # one epoch. Kill 20-60% into the next epoch's training.
+            if fit_started is None and (out / "logs").exists():
+                fit_started = now
+            if ckpt_seen is None and ckpt.exists() and ckpt.stat().st_mtime_ns != mtime0:
+                ckpt_seen = now
+                kill_at = now + rng.uniform(0.2, 0.6) * (now - (fit_started or start))
+            if kill_at is not None and now >= kill_at:
+                return f"mid-epoch ({now - ckpt_seen:.1f} s after a checkpoint)"
         if point == "checkpoint_write" and set(tmpdir.iterdir()) - staged0:
             return "while a checkpoint was being written (its temporary file had just appeared)"
         if point == "after_checkpoint" and ckpt.exists() and ckpt.stat().st_mtime_ns != mtime0:
@@ -1303,6 +1312,20 @@ def _wait_for_kill_point(proc: subprocess.Popen, point: str, out: Path, tmpdir: 
             return "while the bundle was being written"
         time.sleep(0.002)
     return "the run ended before the kill point" if proc.poll() is not None else "timeout"
+
+
+def _checkpoint_position(out: Path) -> str:
+    """Where a resume would start: the epoch/step held by last.ckpt (what the next --resume continues from)."""
+    import torch
+
+    last = out / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return "no last.ckpt yet (the next run starts afresh)"
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - reported as data loss by check_saved_state
+        return f"last.ckpt unreadable ({type(e).__name__})"
+    return f"last.ckpt held epoch {state.get('epoch')} (global step {state.get('global_step')})"
 
 
 def crash_resume_campaign(out: Path, tmpdir: Path, points: Iterable[str] = KILL_POINTS, seed: int = 0,
@@ -1320,7 +1343,7 @@ def crash_resume_campaign(out: Path, tmpdir: Path, points: Iterable[str] = KILL_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            campaign.kills.append(what)
+            campaign.kills.append(f"{what}; {_checkpoint_position(out)}")
         else:
             err = proc.stderr.read() if proc.stderr else ""
             campaign.log.append(f"{point}: {what} (exit {proc.returncode}) {err[-500:]}")
@@ -1333,6 +1356,9 @@ def crash_resume_campaign(out: Path, tmpdir: Path, points: Iterable[str] = KILL_
     campaign.resumes += 1
     campaign.log.append(f"final run: exit {final.returncode}: {(final.stdout + final.stderr)[-1500:]}")
     campaign.data_lost += [f"final: {p}" for p in check_saved_state(out)]
+    if (out / "metrics.csv").exists():
+        campaign.data_lost += [f"metrics.csv: the numbers of epoch {e} were lost (NaN row)"
+                               for e, d in val_dice_by_epoch(out).items() if d != d]
     return campaign
 
 

@@ -1,6 +1,8 @@
-"""A training run SIGKILLed at several moments (mid-epoch, while a checkpoint is written, right after one,
-while the bundle is written) and resumed with ``--resume`` each time finishes with a loadable bundle whose
-metrics match an uninterrupted run with the same seed.
+"""A training run SIGKILLed at several moments (mid-epoch 1, while the next checkpoint is written, right after
+the one after, while the bundle is written) and resumed with ``--resume`` each time finishes with a loadable
+bundle whose metrics match an uninterrupted run with the same seed. The kills follow the run's progress
+(checkpoint files), not the clock, so they land at the same places on a fast or a busy machine: epochs 1-3
+are trained by resumed processes.
 
 Slow (several ``medseg train`` processes): run with ``pytest -m slow tests/reliability/test_crash_resume.py``.
 """
@@ -36,19 +38,26 @@ def test_killed_and_resumed_training_finishes_and_matches_an_uninterrupted_run(r
     campaign = h.crash_resume_campaign(tmp_path / "run", tmp_path / "tmp", seed=0)
     report = "\n".join([*campaign.kills, *campaign.log])
     assert len(campaign.kills) >= 3, f"too few kills landed:\n{report}"
-    assert not campaign.data_lost, campaign.data_lost
+    files_lost = [p for p in campaign.data_lost if not p.startswith("metrics.csv")]  # rows: checked below
+    assert not files_lost, files_lost
     bundle = load_bundle(tmp_path / "run" / "bundle")
     assert bundle.load_members()
     ref_bundle = load_bundle(reference / "bundle")
 
     ref_dice, dice = h.val_dice_by_epoch(reference), h.val_dice_by_epoch(tmp_path / "run")
-    assert sorted(dice) == sorted(ref_dice) == [0, 1, 2, 3], (dice, ref_dice, report)
+    problems = []
+    if sorted(dice) != sorted(ref_dice) or sorted(dice) != [0, 1, 2, 3]:
+        problems.append(f"epochs in metrics.csv: {sorted(dice)}, uninterrupted: {sorted(ref_dice)}")
     lost_rows = [e for e, d in dice.items() if d != d]  # NaN: the epoch's numbers never reached metrics.csv
-    assert not lost_rows, f"metrics.csv lost the numbers of epoch(s) {lost_rows}: {dice}\n{report}"
-    for epoch in ref_dice:
-        assert abs(dice[epoch] - ref_dice[epoch]) <= DICE_TOLERANCE, (epoch, dice, ref_dice, report)
+    if lost_rows:
+        problems.append(f"metrics.csv lost the numbers of epoch(s) {lost_rows}")
+    far = {e: (round(dice[e], 4), round(ref_dice[e], 4)) for e in ref_dice
+           if e in dice and dice[e] == dice[e] and abs(dice[e] - ref_dice[e]) > DICE_TOLERANCE}
+    if far:
+        problems.append(f"val Dice (resumed, uninterrupted) further apart than {DICE_TOLERANCE}: {far}")
     card_dice = [line for line in bundle.model_card.splitlines() if "val Dice" in line]
     ref_card_dice = [line for line in ref_bundle.model_card.splitlines() if "val Dice" in line]
-    assert card_dice and ref_card_dice
     best, ref_best = float(card_dice[0].split("|")[-2]), float(ref_card_dice[0].split("|")[-2])
-    assert abs(best - ref_best) <= DICE_TOLERANCE, (best, ref_best, report)
+    if abs(best - ref_best) > DICE_TOLERANCE:
+        problems.append(f"bundle's best val Dice {best:.4f}, uninterrupted {ref_best:.4f}")
+    assert not problems, "\n".join([*problems, f"resumed {dice}", f"uninterrupted {ref_dice}", report])
