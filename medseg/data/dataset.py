@@ -138,11 +138,21 @@ class PatchDataset(torch.utils.data.Dataset):
         if not self.items:
             raise DatasetError("empty dataset: no training cases")
         self.length = samples_per_epoch or len(self.items)
+        self._worker_seed: int | None = None
+
+    def _reseed_in_worker(self) -> None:
+        # Each loader worker holds a copy of the seeded augmentation: without a reseed from the worker's own
+        # seed (torch derives it from the main process RNG per epoch) every worker draws the same crops.
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.seed != self._worker_seed and hasattr(self.augment, "reseed"):
+            self.augment.reseed(info.seed)
+            self._worker_seed = info.seed
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        self._reseed_in_worker()
         i, z = self.items[index % len(self.items)]
         d = self.cache[i]
         weight = d.get("weight")

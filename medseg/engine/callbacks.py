@@ -18,41 +18,53 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 class LearningCurves(L.Callback):
-    """After every validation: append the epoch's numbers to ``metrics.csv`` and redraw ``progress.png``
-    (train/val loss, val Dice, learning rate). Survives resume: existing rows are read back."""
+    """At the end of every validation: append the epoch's numbers to ``metrics.csv`` and redraw
+    ``progress.png`` (train/val loss, val Dice, learning rate).
+
+    The row is written before the epoch's checkpoint (Lightning runs checkpoint callbacks last) and the rows
+    travel in the checkpoint, so a run killed between the two loses nothing: the resumed run rewrites
+    ``metrics.csv`` from the checkpoint's rows (dropping any the interrupted run wrote after it) and redoes
+    the epoch.
+    """
 
     FIELDS = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
         self.rows: list[dict[str, float]] = []
+        self._restored = False
+
+    def state_dict(self) -> dict[str, list[dict[str, float]]]:
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, list[dict[str, float]]]) -> None:
+        self.rows = [dict(r) for r in state_dict.get("rows", [])]
+        self._restored = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # After a resume the checkpoint is restored by now; keep the rows up to its epoch (later rows came
-        # from a part of the interrupted run that the checkpoint does not hold).
-        path = self.out_dir / "metrics.csv"
-        self.rows = []
-        if path.exists() and trainer.ckpt_path:
-            with path.open() as f:
-                self.rows = [
-                    {k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if int(float(r["epoch"])) <= trainer.current_epoch
-                ]
+        if not self._restored:
+            self.rows = []
+        elif trainer.is_global_zero:
+            self._write()
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        m = trainer.callback_metrics
-        if "train_loss_epoch" not in m and any(r["epoch"] == trainer.current_epoch for r in self.rows):
+        epoch = float(trainer.current_epoch)
+        train_loss = pl_module.epoch_train_loss() if hasattr(pl_module, "epoch_train_loss") else math.nan
+        if math.isnan(train_loss) and any(r["epoch"] == epoch for r in self.rows):
             return  # a resumed epoch that the checkpoint already finished: no batches ran, keep its row
+        m = trainer.callback_metrics
         row = {
-            "epoch": float(trainer.current_epoch),
-            "train_loss": float(m.get("train_loss_epoch", math.nan)),
+            "epoch": epoch,
+            "train_loss": train_loss,
             "val_loss": float(m.get("val_loss", math.nan)),
             "val_dice": float(m.get("val_dice", math.nan)),
             "lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan,
         }
-        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
-        self._write()
+        self.rows = [r for r in self.rows if r["epoch"] != epoch] + [row]
+        if trainer.is_global_zero:
+            self._write()
 
     def _write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

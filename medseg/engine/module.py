@@ -27,6 +27,7 @@ class SegModule(L.LightningModule):
         apply_transfer_strategy(self.model, cfg.model)
         self.loss_fn = build_loss(cfg.loss)
         self._val_rows: list[dict[str, float]] = []
+        self._epoch_loss_sum, self._epoch_samples = 0.0, 0
         # Base learning rate as an attribute: Lightning's LR finder (`medseg doctor`) reads and sets `lr`.
         self.lr = cfg.train.lr
         # Global steps that end an SGDR cycle (set in configure_optimizers; read by SnapshotEnsemble).
@@ -37,14 +38,23 @@ class SegModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- train
     def on_train_epoch_start(self) -> None:
+        self._epoch_loss_sum, self._epoch_samples = 0.0, 0
         if self.cfg.model.transfer == "gradual_unfreeze":
             unfreeze_for_epoch(self.model, self.current_epoch, self.cfg.model.unfreeze_at_epochs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["image"])
         loss = self.loss_fn(logits, batch["label"], batch.get("weight"))
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        bs = batch["image"].shape[0]
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self._epoch_loss_sum += float(loss.detach()) * bs
+        self._epoch_samples += bs
         return loss
+
+    def epoch_train_loss(self) -> float:
+        """Mean training loss of this epoch so far (this process's batches); NaN before any batch. Read by
+        LearningCurves at the end of validation, before Lightning reduces ``train_loss_epoch``."""
+        return self._epoch_loss_sum / self._epoch_samples if self._epoch_samples else float("nan")
 
     # -------------------------------------------------------------------------------------------- val
     def validation_step(self, case: dict, batch_idx: int) -> None:

@@ -36,6 +36,7 @@ from medseg.config import ExperimentConfig, config_to_yaml
 from medseg.data import Case, discover_cases, load_or_make_splits, read_datalist, train_val_ids
 from medseg.data.dataset import PatchDataset, WholeCaseDataset, build_case_cache, collate_single
 from medseg.engine.callbacks import LearningCurves, SnapshotEnsemble, read_snapshots
+from medseg.engine.checkpointing import AtomicCheckpointIO, ResumableRandomState
 from medseg.engine.diagnose import Finding, diagnose_curves
 from medseg.engine.module import SegModule
 from medseg.errors import ConfigError, DatasetError
@@ -254,6 +255,7 @@ def build_trainer(
         log_every_n_steps=1,
         logger=build_loggers(cfg, out_dir),
         callbacks=[*build_callbacks(cfg, out_dir, progress), *(extra_callbacks or [])],
+        plugins=[AtomicCheckpointIO()],  # temp file + rename in the checkpoint folder, whatever TMPDIR is
         enable_progress_bar=progress,
         enable_model_summary=False,
     )
@@ -319,7 +321,10 @@ def train(
     train_dl, val_dl = build_dataloaders(cfg, train_cases, val_cases, progress)
 
     module = SegModule(cfg)
-    trainer = build_trainer(cfg, out_dir, progress, extra_callbacks, max_time)
+    # The RNG state (global and the augmentation's own) goes into every checkpoint: --resume then draws the
+    # same patches as an uninterrupted run would.
+    rng_state = ResumableRandomState(train_dl.dataset.augment)
+    trainer = build_trainer(cfg, out_dir, progress, [rng_state, *(extra_callbacks or [])], max_time)
     # Our checkpoints hold only tensors, numbers, strings and containers (model, optimiser, scheduler,
     # loop and callback state), so resume loads them with weights_only=True: nothing is unpickled.
     if resuming:  # a tampered or damaged last.ckpt: a one-line error now, not a traceback from inside fit

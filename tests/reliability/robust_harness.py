@@ -1304,7 +1304,7 @@ def _wait_for_kill_point(proc: subprocess.Popen, point: str, out: Path, tmpdir: 
                 kill_at = now + rng.uniform(0.2, 0.6) * (now - (fit_started or start))
             if kill_at is not None and now >= kill_at:
                 return f"mid-epoch ({now - ckpt_seen:.1f} s after a checkpoint)"
-        if point == "checkpoint_write" and set(tmpdir.iterdir()) - staged0:
+        if point == "checkpoint_write" and (set(tmpdir.iterdir()) - staged0 or _checkpoint_temp_files(out)):
             return "while a checkpoint was being written (its temporary file had just appeared)"
         if point == "after_checkpoint" and ckpt.exists() and ckpt.stat().st_mtime_ns != mtime0:
             return "right after last.ckpt was replaced"
@@ -1312,6 +1312,12 @@ def _wait_for_kill_point(proc: subprocess.Popen, point: str, out: Path, tmpdir: 
             return "while the bundle was being written"
         time.sleep(0.002)
     return "the run ended before the kill point" if proc.poll() is not None else "timeout"
+
+
+def _checkpoint_temp_files(out: Path) -> list[Path]:
+    """A checkpoint being written: the engine's CheckpointIO writes ``.<name>.tmp-<pid>`` beside it."""
+    folder = out / "checkpoints"
+    return list(folder.glob(".*.tmp-*")) if folder.is_dir() else []
 
 
 def _checkpoint_position(out: Path) -> str:

@@ -151,19 +151,15 @@ def _checkpoint_ok(path: Path) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tmpdir_kind", ["same_filesystem", "other_filesystem"])
-def test_checkpoint_saves_killed_mid_write_leave_a_loadable_last_ckpt(tmpdir_kind: str, tmp_path: Path,
-                                                                      request: pytest.FixtureRequest) -> None:
+def test_checkpoint_saves_killed_mid_write_leave_a_loadable_last_ckpt(tmpdir_kind: str, tmp_path: Path) -> None:
     """The engine's Trainer writes last.ckpt through its CheckpointIO; a kill while it grows must not leave a
-    partial file. Lightning 2.6 stages the bytes in a temp file under TMPDIR and moves it in place: atomic on
-    one file system, but a copy into last.ckpt when TMPDIR is another one (tmpfs /tmp, a mounted output
-    volume in Docker)."""
+    partial file. Lightning 2.6's own CheckpointIO stages the bytes under TMPDIR and moves them in place: a copy
+    into last.ckpt when TMPDIR is another file system (tmpfs /tmp, a mounted output volume in Docker). The
+    engine's AtomicCheckpointIO writes beside the checkpoint and renames, whatever TMPDIR is."""
     if tmpdir_kind == "other_filesystem":
         shm = Path("/dev/shm")
         if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
             pytest.skip("no second file system (/dev/shm) to stage temporary files on")
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="Lightning 2.6 _atomic_save: shutil.move from TMPDIR copies across file systems "
-                                "(engine: use a CheckpointIO that writes temp + os.replace in the checkpoint dir)"))
         staging = shm / f"medseg-test-{os.getpid()}"
     else:
         staging = tmp_path / "staging"

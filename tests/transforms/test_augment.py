@@ -127,6 +127,42 @@ def test_same_seed_same_result_and_seeds_differ() -> None:
     assert not np.array_equal(a["image"], c["image"])
 
 
+def test_seeded_transforms_draw_independently() -> None:
+    # albumentations 2.0.8 seeds every transform of a Compose with the same seed, so two p=0.5 flips fire
+    # together or not at all; Augment2D makes them share one stream instead.
+    import albumentations as A
+
+    from medseg.transforms.augment import Augment2D
+
+    aug = Augment2D(A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)], seed=0), A.Compose([], seed=1), 1)
+    image = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+    mask = np.zeros((4, 4), np.uint8)
+    seen = set()
+    for _ in range(64):
+        out = aug(image, mask)["image"][..., 0]
+        h = np.array_equal(out[:, ::-1], image[..., 0]) or np.array_equal(out[::-1, ::-1], image[..., 0])
+        v = np.array_equal(out[::-1], image[..., 0]) or np.array_equal(out[::-1, ::-1], image[..., 0])
+        seen.add((h, v))
+    assert seen == {(False, False), (True, False), (False, True), (True, True)}, seen
+
+
+def test_augmentation_state_round_trips_through_a_weights_only_checkpoint(tmp_path) -> None:
+    mask = blobs((80, 80), 10)
+    image = np.random.default_rng(1).random((80, 80, 1)).astype(np.float32)
+    aug = build_augmentation_2d("heavy", (64, 64), 1, seed=5)
+    aug(image, mask)
+    torch.save(aug.state_dict(), tmp_path / "state.pt")
+    expected = [aug(image, mask)["image"] for _ in range(3)]
+    aug.reseed(123)  # somewhere else entirely ...
+    aug.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))  # ... and back
+    for want in expected:
+        np.testing.assert_array_equal(aug(image, mask)["image"], want)
+    aug.reseed(7)
+    other = build_augmentation_2d("heavy", (64, 64), 1, seed=5)
+    other.reseed(8)
+    assert not np.array_equal(aug(image, mask)["image"], other(image, mask)["image"])
+
+
 def test_constant_padding_gives_zero_weight_outside_the_image() -> None:
     mask = blobs((20, 24), 2)
     image = np.ones((20, 24, 1), dtype=np.float32)
