@@ -80,9 +80,12 @@ def discover_cases(
     return [Case(id=s, image=p, mask=masks.get(s), instances=instances.get(s)) for s, p in images.items()]
 
 
-def read_datalist(path: Path) -> list[Case]:
+def read_datalist(path: Path, group_column: str | None = None) -> list[Case]:
     """Read an explicit datalist: CSV with columns ``image, mask[, instances, group, id]`` or a JSON list of
-    such objects (MONAI-style ``{"training": [...]}`` also accepted). Relative paths resolve against the file."""
+    such objects (MONAI-style ``{"training": [...]}`` also accepted). Relative paths resolve against the file.
+
+    ``group_column`` names the column that keeps correlated images (same patient, same slide) in one fold;
+    given explicitly, it must exist. Default: ``group`` when present."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".json":
@@ -95,6 +98,10 @@ def read_datalist(path: Path) -> list[Case]:
         raise DatasetError(f"{path.name}: cannot read datalist ({e})") from None
     if not isinstance(rows, list) or not rows:
         raise DatasetError(f"{path.name}: empty dataset (datalist has no rows)")
+    column = group_column or "group"
+    if group_column is not None and not any(isinstance(r, dict) and group_column in r for r in rows):
+        names = sorted({k for r in rows if isinstance(r, dict) for k in r})
+        raise DatasetError(f"{path.name}: no column {group_column!r} (data.group_column); columns: {', '.join(names)}")
     cases = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not row.get("image"):
@@ -112,7 +119,7 @@ def read_datalist(path: Path) -> list[Case]:
                 image=image,
                 mask=resolve("mask") or resolve("label"),
                 instances=resolve("instances"),
-                group=str(row["group"]) if row.get("group") not in (None, "") else None,
+                group=str(row[column]) if row.get(column) not in (None, "") else None,
             )
         )
     ids = [c.id for c in cases]

@@ -66,7 +66,9 @@ class TrainResult:
 def load_cases(cfg: ExperimentConfig) -> list[Case]:
     d = cfg.data
     if d.datalist is not None:
-        cases = read_datalist(d.datalist)
+        cases = read_datalist(d.datalist, d.group_column)
+    elif d.group_column is not None:
+        raise ConfigError(f"data.group_column={d.group_column!r} needs data.datalist (a CSV/JSON with that column)")
     elif d.root is not None:
         cases = discover_cases(d.root, d.images_dir, d.masks_dir, d.instances_dir)
     else:

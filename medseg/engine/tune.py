@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
@@ -132,18 +135,32 @@ def build_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+STORAGE_ATTEMPTS = 5
+
+
 def open_study(cfg: ExperimentConfig, storage: str, study_name: str, seed: int | None,
                heartbeat_interval: int = 60, grace_period: int | None = None, max_retry: int = 2) -> optuna.Study:
     """Create or join the study in RDB ``storage`` with heartbeats and retry of failed (killed) trials."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the retry callback is "experimental"
         retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    rdb = RDBStorage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                     heartbeat_stale_trial_callback=retry)
-    return optuna.create_study(
-        study_name=study_name, storage=rdb, sampler=build_sampler(cfg, seed), pruner=build_pruner(cfg),
-        direction=cfg.tune.direction, load_if_exists=True,
-    )
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            rdb = RDBStorage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                             heartbeat_stale_trial_callback=retry)
+            return optuna.create_study(
+                study_name=study_name, storage=rdb, sampler=build_sampler(cfg, seed), pruner=build_pruner(cfg),
+                direction=cfg.tune.direction, load_if_exists=True,
+            )
+        except sqlalchemy.exc.DBAPIError as e:
+            # Workers started together on an empty database all run CREATE TABLE; PostgreSQL lets one win and
+            # fails the others with a duplicate-type/unique violation. The tables exist now: join again.
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise MedsegError(f"cannot open the study storage after {STORAGE_ATTEMPTS} tries: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0]}") from None
+            log.info("study storage busy (%s), retrying", type(e).__name__)
+            time.sleep(0.5 * (attempt + 1) + random.random())
+    raise AssertionError("unreachable")
 
 
 def _trial_dir(out_dir: Path, trial: optuna.Trial) -> tuple[Path, bool]:

@@ -54,6 +54,26 @@ def test_csv_datalist_with_groups(tmp_path: Path) -> None:
         assert len({c.group for c in cases if c.id in fold}) == 1
 
 
+def test_group_column_from_config_keeps_each_patient_in_one_fold(tmp_path: Path) -> None:
+    from medseg.config import load_config
+    from medseg.engine.train import load_cases, split_cases
+
+    imgs = sorted((SAMPLE / "images").iterdir())[:8]
+    lines = ["image,mask,patient_id"] + [f"{p},{SAMPLE / 'masks' / p.name},P{i // 2}" for i, p in enumerate(imgs)]
+    (tmp_path / "list.csv").write_text("\n".join(lines))
+    cfg = load_config(None, [f"data.datalist={tmp_path / 'list.csv'}", "data.group_column=patient_id", "data.folds=4"])
+    cases = load_cases(cfg)
+    assert [c.group for c in cases] == ["P0", "P0", "P1", "P1", "P2", "P2", "P3", "P3"]
+    train, val = split_cases(cfg, cases, tmp_path)
+    assert len(val) == 2 and val[0].group == val[1].group
+    assert val[0].group not in {c.group for c in train}
+
+    with pytest.raises(DatasetError, match="list.csv: no column 'patient'.*patient_id"):
+        read_datalist(tmp_path / "list.csv", group_column="patient")
+    with pytest.raises(Exception, match="group_column.*needs data.datalist"):
+        load_cases(load_config(None, [f"data.root={SAMPLE}", "data.group_column=patient_id"]))
+
+
 def test_splits_are_seeded_saved_and_reused(tmp_path: Path) -> None:
     cases = [Case(id=f"c{i}", image=Path(f"c{i}.png")) for i in range(20)]
     f1 = load_or_make_splits(tmp_path / "splits.json", cases, 5, seed=3)

@@ -57,3 +57,30 @@ def test_space_errors_name_the_key(tiny_cfg) -> None:
         suggest(trial, {"train.lr": {"type": "gaussian"}})
     with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
         apply_params(tiny_cfg(), {"train.lrr": 1.0})
+
+
+def test_workers_racing_to_create_the_tables_join_the_study(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
+    # PostgreSQL fails all but one of the workers that CREATE TABLE on an empty database at once.
+    import sqlalchemy
+
+    import medseg.engine.tune as tune_module
+    from medseg.errors import MedsegError
+
+    real, calls = tune_module.RDBStorage, {"n": 0}
+
+    def racing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise sqlalchemy.exc.IntegrityError("CREATE TABLE studies", {}, Exception(
+                'duplicate key value violates unique constraint "pg_type_typname_nsp_index"'))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "RDBStorage", racing)
+    monkeypatch.setattr(tune_module.time, "sleep", lambda s: None)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    failures = 2
+    study = open_study(tiny_cfg(), url, "raced", seed=0)
+    assert calls["n"] == 3 and study.study_name == "raced"
+    calls["n"], failures = 0, 99
+    with pytest.raises(MedsegError, match="cannot open the study storage after 5 tries: IntegrityError"):
+        open_study(tiny_cfg(), url, "raced", seed=0)
