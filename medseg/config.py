@@ -160,7 +160,7 @@ class TrainConfig(_Section):
 
 
 class InferenceConfig(_Section):
-    tile_size: tuple[int, int] = (256, 256)
+    tile_size: tuple[int, int] = (512, 512)
     overlap: float = 0.25
     blend: Literal["gaussian", "constant"] = "gaussian"
     padding_mode: Literal["reflect", "constant"] = "reflect"

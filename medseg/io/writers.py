@@ -37,6 +37,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{full_suffix(path)}")
     try:
         yield tmp
+        # Flush the bytes to disk before the rename: after a power cut a renamed-but-unwritten file would be
+        # the complete-looking empty file that the temp-and-rename was meant to prevent.
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
