@@ -192,10 +192,11 @@ def second_member(bundle: Path, work: Path, epochs: int | None) -> Path:
     from medseg.bundle import load_bundle
     from medseg.engine.train import train
 
-    out = work / "member2"
+    first = load_bundle(bundle)
+    out = work / f"member2-{first.weights_hash[:12]}"  # one cached partner per first member, never another's
     if (out / "bundle" / "config.yaml").is_file():
         return out / "bundle"
-    cfg = load_bundle(bundle).config
+    cfg = first.config
     update = {"seed": cfg.train.seed + 1}
     if epochs:
         update["epochs"] = epochs

@@ -47,14 +47,18 @@ def _load_cfg(config: Path, data: Path | None, sets: list[str] | None, epochs: i
 
 
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set train.lr=3e-4")]
+# Options several commands share (same name, type and help everywhere).
+DataOpt = Annotated[Path | None, typer.Option(help="Dataset folder with images/ and masks/")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Override train.epochs")]
+LimitCasesOpt = Annotated[int | None, typer.Option(help="Use only the first N cases")]
 
 
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="Experiment YAML")],
-    data: Annotated[Path | None, typer.Option(help="Dataset folder with images/ and masks/")] = None,
+    data: DataOpt = None,
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/train"),
-    epochs: Annotated[int | None, typer.Option(help="Override train.epochs")] = None,
+    epochs: EpochsOpt = None,
     limit_cases: Annotated[int | None, typer.Option(help="Use only the first N cases (quick trials)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt")] = False,
     devices: Annotated[int | None, typer.Option(help="Number of devices (processes) for DDP")] = None,
@@ -304,10 +308,10 @@ def export(
 def cv(
     config: Annotated[Path, typer.Argument(help="Experiment YAML")],
     folds: Annotated[int | None, typer.Option(help="Number of folds K (default data.folds)")] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset folder with images/ and masks/")] = None,
+    data: DataOpt = None,
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/cv"),
-    epochs: Annotated[int | None, typer.Option(help="Override train.epochs")] = None,
-    limit_cases: Annotated[int | None, typer.Option(help="Use only the first N cases")] = None,
+    epochs: EpochsOpt = None,
+    limit_cases: LimitCasesOpt = None,
     resume: Annotated[bool, typer.Option(help="Keep finished folds, resume an interrupted one")] = False,
     max_minutes_per_fold: Annotated[float | None, typer.Option(help="Wall-clock budget per fold")] = None,
     oof_format: Annotated[str, typer.Option(help="auto | npz | nifti for the out-of-fold probability maps")] = "auto",
@@ -347,10 +351,10 @@ def tune(
     trials: Annotated[int, typer.Option(help="Finished trials the study should hold (a budget over all workers)")] = 20,
     storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL, e.g. postgresql://user@host/db (default sqlite OUT/study.db)")] = None,
     study: Annotated[str | None, typer.Option(help="Study name (default: the config's name)")] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset folder with images/ and masks/")] = None,
+    data: DataOpt = None,
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/tune"),
-    epochs: Annotated[int | None, typer.Option(help="Override train.epochs")] = None,
-    limit_cases: Annotated[int | None, typer.Option(help="Use only the first N cases")] = None,
+    epochs: EpochsOpt = None,
+    limit_cases: LimitCasesOpt = None,
     max_minutes_per_trial: Annotated[float | None, typer.Option(help="Wall-clock budget per trial")] = None,
     set_: Sets = None,
 ) -> None:
@@ -378,9 +382,9 @@ def tune(
 @app.command()
 def doctor(
     config: Annotated[Path, typer.Argument(help="Experiment YAML")],
-    data: Annotated[Path | None, typer.Option(help="Dataset folder with images/ and masks/")] = None,
+    data: DataOpt = None,
     out: Annotated[Path, typer.Option(help="Output folder (lr_find.png)")] = Path("outputs/doctor"),
-    limit_cases: Annotated[int | None, typer.Option(help="Use only the first N cases")] = None,
+    limit_cases: LimitCasesOpt = None,
     overfit_steps: Annotated[int, typer.Option(help="Steps of the tiny-subset overfit test")] = 60,
     lr_find: Annotated[bool, typer.Option(help="Run the LR range test")] = True,
     lr_find_steps: Annotated[int, typer.Option(help="Steps of the LR range test")] = 60,
