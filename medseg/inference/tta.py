@@ -18,8 +18,9 @@ mode           views                                                            
 
 Multi-crop: along an axis longer than the tile, the canvas gains half a tile of mirrored context and the image
 is placed at offset 0, a quarter or half a tile, which shifts the tile grid (and its seams) across the image.
-Along an axis no longer than the tile, the image is reflect-padded up to the tile size (at least an eighth of a
-tile more), placed at either end or the centre, and the canvas goes through the net whole — the segmentation
+Along an axis no longer than the tile, the image is reflect-padded by an eighth of its length (at least 16 px),
+placed at either end or the centre, and the canvas goes through the net whole (padding a small image up to a large
+tile would multiply the work for no new context) — the segmentation
 analogue of 10-crop (whose crops are the corners and the centre). Every view covers every pixel, so each pixel
 averages exactly ``passes`` predictions; :class:`ProbabilityAccumulator` keeps a count map to prove it.
 
@@ -91,7 +92,7 @@ def multicrop_placements(size: int, tile: int) -> tuple[int, tuple[int, int, int
     if size > tile:
         slack = tile // 2
         return slack, (0, slack // 2, slack), tile
-    slack = max(tile - size, tile // 8, 1)
+    slack = max(size // 8, 16)
     return slack, (0, slack // 2, slack), size + slack  # canvas goes through whole: tile = canvas
 
 
