@@ -121,6 +121,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/predict"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     tta: Annotated[str | None, typer.Option(help="none | flips | multicrop | full")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model (faster for many scans)")] = False,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write class probabilities")] = False,
     uncertainty: Annotated[bool, typer.Option("--uncertainty", help="Also write the uncertainty map")] = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="DICOM inputs: also write a DICOM SEG")] = False,
@@ -139,6 +140,8 @@ def predict(
             if tta not in ("none", "flips", "multicrop", "full"):
                 raise MedsegError(f"--tta {tta!r}: use none, flips, multicrop or full")
             predictor.cfg.inference.tta = tta
+        if compile_:
+            predictor.enable_compile()
     except MedsegError as e:
         _fail(e)
         return

@@ -82,6 +82,9 @@ class Predictor:
         self.name = name or cfg.name
         self.weights_hash = weights_hash
         self.rotations = rotations
+        self._compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        if cfg.inference.compile:
+            self.enable_compile()
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -93,6 +96,12 @@ class Predictor:
         members = [build_member(cfg, state) for state in bundle.load_members().values()]
         temperature = float((bundle.calibration or {}).get("temperature", 1.0))
         return cls(members, cfg, bundle.labels, temperature, device, cfg.name, bundle.weights_hash)
+
+    def enable_compile(self) -> None:
+        """Run the members through ``torch.compile`` (``inference.compile``): compiled on first use of each tile
+        shape; if compiling fails the predictor logs it once and runs eagerly."""
+        self.cfg.inference.compile = True
+        self._compiled = {id(m): torch.compile(m, dynamic=False) for m in self.members}
 
     @property
     def num_classes(self) -> int:
@@ -106,6 +115,14 @@ class Predictor:
         def run(x: torch.Tensor) -> torch.Tensor:
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, enabled=cuda):
+                compiled = self._compiled.get(id(model))
+                if compiled is not None:
+                    try:
+                        return compiled(x).float().cpu()
+                    except Exception as e:  # noqa: BLE001 - no C++ compiler, an unsupported op: eager still works
+                        log.warning("inference.compile: torch.compile failed (%s: %s); running eagerly",
+                                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                        self._compiled.pop(id(model), None)
                 return model(x).float().cpu()
 
         return run
