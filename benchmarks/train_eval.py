@@ -47,7 +47,7 @@ def main() -> None:
         "overrides": args.sets,
     }
     (args.out / "benchmark.json").write_text(json.dumps(record, indent=1))
-    print(f"\n| config | device | epochs | train time | val cases | val Dice (mean ± sd) | HD95 median (px/mm) | eval s/case |")
+    print("\n| config | device | epochs | train time | val cases | val Dice (mean ± sd) | HD95 median (px/mm) | eval s/case |")
     print("|---|---|---|---|---|---|---|---|")
     dice = "; ".join(f"{k} {m:.3f} ± {s:.3f}" for k, (m, s) in record["val_dice"].items())
     print(f"| {record['config']} | {device} | {cfg.train.epochs} | {train_min:.1f} min | {record['val_cases']} | {dice} | "
