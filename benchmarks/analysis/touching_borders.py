@@ -25,9 +25,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "outputs/bench/touching")
     ap.add_argument("--cases", type=int, default=None, help="first N validation cases (default all)")
+    ap.add_argument("--variants", nargs="*", default=None, help="run folders under --out (default all)")
     args = ap.parse_args()
     cfg = load_config(REPO / "configs/experiments/nuclei_dsb2018.yaml")
-    variants = sorted(p.parent.name for p in args.out.glob("*/bundle"))
+    variants = args.variants or sorted(p.parent.name for p in args.out.glob("*/bundle"))
     _, val = split_cases(cfg, load_cases(cfg), args.out / variants[0])
     val = val[: args.cases] if args.cases else val
     for variant in variants:
