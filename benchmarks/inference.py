@@ -248,6 +248,9 @@ def dice_table(args: argparse.Namespace) -> None:
                      ("ensemble of 2", "flips", ensemble)]
     if args.full_tta:
         settings.append(("single", "full", single))
+    if args.dice_rows:  # e.g. "single:none,single:multicrop": re-measure some rows only (plain first, as baseline)
+        wanted = [tuple(r.split(":")) for r in args.dice_rows.split(",")]
+        settings = [s for w in wanted for s in settings if (s[0], s[1]) == w]
     print(f"\n## Dice (label 1) on the bundle's validation split: {len(cases)} DSB2018 images\n", flush=True)
     scans = [(read_scan(c.image), c) for c in cases]
     targets = [map_labels(read_scan(c.mask), cfg.data.label_map, s.spatial_shape, c.mask.name) for s, c in scans]
@@ -289,6 +292,7 @@ def main() -> None:
     ap.add_argument("--second-member-epochs", type=int, default=None, help="default: the bundle's epochs")
     ap.add_argument("--work", type=Path, default=REPO / "outputs/bench/inference")
     ap.add_argument("--full-tta", action="store_true", help="also score tta=full (20 passes) for Dice")
+    ap.add_argument("--dice-rows", default="", help="only these Dice rows, e.g. single:none,single:multicrop")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: speed,memory,dice")
     ap.add_argument("--_volume-child", dest="volume_child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
