@@ -50,11 +50,20 @@ class LearningCurves(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        self._record(trainer, pl_module, validated=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Epochs without validation (train.val_every > 1) still get their training loss and LR; such a row
+        # reaches a checkpoint with the next validation's.
+        if not any(r["epoch"] == float(trainer.current_epoch) for r in self.rows):
+            self._record(trainer, pl_module, validated=False)
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, validated: bool) -> None:
         epoch = float(trainer.current_epoch)
         train_loss = pl_module.epoch_train_loss() if hasattr(pl_module, "epoch_train_loss") else math.nan
         if math.isnan(train_loss) and any(r["epoch"] == epoch for r in self.rows):
             return  # a resumed epoch that the checkpoint already finished: no batches ran, keep its row
-        m = trainer.callback_metrics
+        m = trainer.callback_metrics if validated else {}  # else they are the last validation's
         row = {
             "epoch": epoch,
             "train_loss": train_loss,

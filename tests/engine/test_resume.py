@@ -93,3 +93,11 @@ def test_checkpoint_is_written_beside_itself_and_renamed(tmp_path: Path, monkeyp
     assert torch.load(path, weights_only=True)["epoch"] == 4
     assert [(s.parent, d) for s, d in seen] == [(path.parent, path)]
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def test_epochs_without_validation_still_get_a_learning_curve_row(tiny_cfg, tmp_path: Path) -> None:
+    train(tiny_cfg("train.epochs=3", "train.val_every=2"), tmp_path, progress=False)
+    rows = _rows(tmp_path)
+    assert [r["epoch"] for r in rows] == ["0.0", "1.0", "2.0"]
+    assert [r["val_dice"] == "nan" for r in rows] == [True, False, True]  # validated after epoch 2 of 3 only
+    assert all(r["train_loss"] != "nan" for r in rows)
