@@ -47,14 +47,14 @@ class SegModule(L.LightningModule):
         loss = self.loss_fn(logits, batch["label"], batch.get("weight"))
         bs = batch["image"].shape[0]
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        self._epoch_loss_sum += float(loss.detach()) * bs
+        self._epoch_loss_sum += loss.detach() * bs  # a tensor: no GPU sync per step
         self._epoch_samples += bs
         return loss
 
     def epoch_train_loss(self) -> float:
         """Mean training loss of this epoch so far (this process's batches); NaN before any batch. Read by
         LearningCurves at the end of validation, before Lightning reduces ``train_loss_epoch``."""
-        return self._epoch_loss_sum / self._epoch_samples if self._epoch_samples else float("nan")
+        return float(self._epoch_loss_sum) / self._epoch_samples if self._epoch_samples else float("nan")
 
     # -------------------------------------------------------------------------------------------- val
     def validation_step(self, case: dict, batch_idx: int) -> None:
