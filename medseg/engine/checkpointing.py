@@ -97,11 +97,17 @@ class ResumableRandomState(L.Callback):
     The state is taken when the checkpoint is written (end of validation) and restored at ``on_train_start``,
     i.e. before the next epoch's data loader is iterated: the sampler's shuffle, the worker seeds and (with
     ``num_workers: 0``) the augmentation draws then continue exactly where the uninterrupted run was.
-    ``augment`` is the training augmentation, if it keeps its own generators (``Augment2D``).
+    ``augment`` is the training augmentation, if it keeps its own generators (``Augment2D``), seeded with
+    ``seed``.
+
+    Under DDP every rank built the same seeded augmentation; each rank > 0 is reseeded from ``seed`` and its
+    rank so the ranks draw different streams. The checkpoint holds rank 0's state, so a resumed DDP run is exact
+    on rank 0 only (ranks > 0 get fresh streams, still distinct per rank and epoch).
     """
 
-    def __init__(self, augment: Any = None) -> None:
+    def __init__(self, augment: Any = None, seed: int | None = None) -> None:
         self.augment = augment
+        self.seed = seed
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -116,9 +122,13 @@ class ResumableRandomState(L.Callback):
         self._pending = state_dict
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._pending is None:
-            return
-        restore_rng_state(self._pending["rng"])
-        if "augment" in self._pending and self.augment is not None and hasattr(self.augment, "load_state_dict"):
-            self.augment.load_state_dict(self._pending["augment"])
-        self._pending = None
+        resumed = self._pending is not None
+        if resumed:
+            restore_rng_state(self._pending["rng"])
+            if "augment" in self._pending and self.augment is not None and hasattr(self.augment, "load_state_dict"):
+                self.augment.load_state_dict(self._pending["augment"])
+            self._pending = None
+        rank = trainer.global_rank
+        if rank > 0 and self.seed is not None and hasattr(self.augment, "reseed"):
+            # reseed(s) seeds the pipeline's two generators with s and s + 1: 2 * rank keeps ranks disjoint.
+            self.augment.reseed(self.seed + 2 * rank + (7919 * trainer.current_epoch if resumed else 0))

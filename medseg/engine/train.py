@@ -325,7 +325,7 @@ def train(
     module = SegModule(cfg)
     # The RNG state (global and the augmentation's own) goes into every checkpoint: --resume then draws the
     # same patches as an uninterrupted run would.
-    rng_state = ResumableRandomState(train_dl.dataset.augment)
+    rng_state = ResumableRandomState(train_dl.dataset.augment, cfg.train.seed)
     trainer = build_trainer(cfg, out_dir, progress, [rng_state, *(extra_callbacks or [])], max_time)
     # Our checkpoints hold only tensors, numbers, strings and containers (model, optimiser, scheduler,
     # loop and callback state), so resume loads them with weights_only=True: nothing is unpickled.

@@ -101,3 +101,23 @@ def test_epochs_without_validation_still_get_a_learning_curve_row(tiny_cfg, tmp_
     assert [r["epoch"] for r in rows] == ["0.0", "1.0", "2.0"]
     assert [r["val_dice"] == "nan" for r in rows] == [True, False, True]  # validated after epoch 2 of 3 only
     assert all(r["train_loss"] != "nan" for r in rows)
+
+
+def test_ddp_ranks_draw_different_augmentations() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from medseg.engine.checkpointing import ResumableRandomState
+    from medseg.transforms.augment import build_augmentation_2d
+
+    image = np.random.default_rng(0).random((80, 80, 1)).astype(np.float32)
+    mask = (image[..., 0] > 0.5).astype(np.uint8)
+    outputs = []
+    for rank in (0, 1, 2):
+        aug = build_augmentation_2d("heavy", (64, 64), 1, seed=42)
+        ResumableRandomState(aug, seed=42).on_train_start(SimpleNamespace(global_rank=rank, current_epoch=0), None)
+        outputs.append(aug(image, mask)["image"])
+    fresh = build_augmentation_2d("heavy", (64, 64), 1, seed=42)(image, mask)["image"]
+    np.testing.assert_array_equal(outputs[0], fresh)  # rank 0 (and single-process runs) keep the seed's stream
+    assert not np.array_equal(outputs[0], outputs[1]) and not np.array_equal(outputs[1], outputs[2])
