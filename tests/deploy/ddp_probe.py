@@ -20,9 +20,9 @@ def _rank() -> int:
 
 def install(probe: Path) -> None:
     import lightning as L
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     import medseg.engine.train as train_module
+    from medseg.engine.checkpointing import AtomicCheckpointIO
 
     probe.mkdir(parents=True, exist_ok=True)
 
@@ -43,7 +43,7 @@ def install(probe: Path) -> None:
         }))
         return out
 
-    original_save_checkpoint = TorchCheckpointIO.save_checkpoint
+    original_save_checkpoint = AtomicCheckpointIO.save_checkpoint  # the engine's CheckpointIO
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         log_write("checkpoint", path)
@@ -56,7 +56,7 @@ def install(probe: Path) -> None:
         return original_save_bundle(out, *args, **kwargs)
 
     L.Trainer.fit = fit
-    TorchCheckpointIO.save_checkpoint = save_checkpoint
+    AtomicCheckpointIO.save_checkpoint = save_checkpoint
     train_module.save_bundle = save_bundle
 
 
