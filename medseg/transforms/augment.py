@@ -190,7 +190,7 @@ class Augment2D:
         for i, c in enumerate(self._composes()):
             s = state[f"compose_{i}"]
             c.random_generator.bit_generator.state = s["numpy"]
-            c.py_random.setstate(_as_tuples(s["python"]))
+            c.py_random.setstate(s["python"])
             # Compose hands its generators to every transform; keep them pointing at the restored ones.
             c.set_random_state(c.random_generator, c.py_random)
 
@@ -231,10 +231,6 @@ def _share_generators(compose: A.Compose) -> None:
     together (measured: 93 of 200 calls both, 107 neither, never one alone).
     """
     compose.set_random_state(compose.random_generator, compose.py_random)
-
-
-def _as_tuples(value: Any) -> Any:
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def build_augmentation_2d(
