@@ -22,8 +22,23 @@ STATE = {"debug": False}
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
     STATE["debug"] = debug
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: each invocation writes to the stderr of its own (tests run several in one process).
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("lightning").setLevel(logging.WARNING)
+    _route_lightning_logs()
+
+
+def _route_lightning_logs() -> None:
+    """Lightning gives its loggers a handler on the stderr of the moment it is imported, and no propagation:
+    route them through ours instead (one line per message, to the current stderr). Call after importing it."""
+    import sys as _sys
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        if name in _sys.modules:
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = True
+            logger.setLevel(logging.WARNING)
 
 
 def _fail(err: Exception) -> None:
@@ -33,9 +48,12 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _load_cfg(config: Path, data: Path | None, sets: list[str] | None, epochs: int | None = None, limit_cases: int | None = None):
+def _load_cfg(config: Path | None, data: Path | None, sets: list[str] | None, epochs: int | None = None,
+              limit_cases: int | None = None):
     from medseg.config import load_config
 
+    if config is None and data is None:
+        raise MedsegError("give an experiment YAML, or --data DIR to plan everything from the data")
     overrides = list(sets or [])
     if data is not None:
         overrides.append(f"data.root={data.resolve()}")
@@ -55,7 +73,7 @@ LimitCasesOpt = Annotated[int | None, typer.Option(help="Use only the first N ca
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="Experiment YAML")],
+    config: Annotated[Path | None, typer.Argument(help="Experiment YAML (optional with --data: then everything is planned)")] = None,
     data: DataOpt = None,
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/train"),
     epochs: EpochsOpt = None,
@@ -65,12 +83,12 @@ def train(
     strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp")] = None,
     fold: Annotated[int | None, typer.Option(help="Validation fold (data.fold)")] = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms (train.deterministic)")] = False,
-    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget; the run stops and writes its bundle")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the whole run (train.budget_minutes): the "
+                                                     "schedule is laid over it and ends annealed, with its bundle")] = None,
     set_: Sets = None,
 ) -> None:
-    """Train a model; writes OUT/bundle, OUT/progress.png, OUT/metrics.csv, OUT/run_info.json and a diagnosis."""
-    from datetime import timedelta
-
+    """Train a model; writes OUT/bundle, OUT/plan.yaml, OUT/progress.png, OUT/metrics.csv, OUT/run_info.json and a
+    diagnosis. Every data-dependent setting the config leaves open is planned from the data (see `medseg plan`)."""
     try:
         sets = list(set_ or [])
         if devices is not None:
@@ -81,22 +99,64 @@ def train(
             sets.append(f"data.fold={fold}")
         if deterministic:
             sets.append("train.deterministic=true")
+        if max_minutes is not None:
+            sets.append(f"train.budget_minutes={max_minutes}")
         cfg = _load_cfg(config, data, sets, epochs, limit_cases)
         from medseg.engine.train import train as run_train
 
-        budget = timedelta(minutes=max_minutes) if max_minutes else None
-        result = run_train(cfg, out, resume=resume, max_time=budget)
+        _route_lightning_logs()
+        result = run_train(cfg, out, resume=resume)
     except MedsegError as e:
         _fail(e)
         return
     console.print(
-        f"done in {result.seconds / 60:.1f} min: best val Dice {result.best_val_dice:.4f}; "
-        f"bundle at {result.bundle} ({', '.join(result.members)})",
+        f"done in {result.seconds / 60:.1f} min: val Dice {result.val_dice:.4f} (the shipped "
+        f"{'+'.join(result.members)} on every validation case); bundle at {result.bundle}",
         highlight=False,
     )
+    for problem in result.left_out:
+        console.print(f"[yellow]left out[/yellow] {problem}", highlight=False, soft_wrap=True)
     console.print("[b]learning curves:[/b]", highlight=False)
     for f in result.findings:
         console.print(f"  [{f.code}] {f.message}", highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command()
+def plan(
+    data: Annotated[Path, typer.Argument(help="Dataset folder with images/ and masks/")],
+    config: Annotated[Path | None, typer.Option(help="Experiment YAML whose keys win over the plan")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for fingerprint.json and plan.yaml")] = Path("outputs/plan"),
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget to plan for")] = None,
+    device: Annotated[str, typer.Option(help="Device to plan for: auto | cpu | cuda")] = "auto",
+    set_: Sets = None,
+) -> None:
+    """Fingerprint a dataset and print the training plan (scale, patch, batch, intensity, sampling, schedule)."""
+    try:
+        sets = list(set_ or [])
+        if max_minutes is not None:
+            sets.append(f"train.budget_minutes={max_minutes}")
+        if device != "auto":
+            sets.append(f"train.accelerator={'gpu' if device == 'cuda' else device}")
+        cfg = _load_cfg(config, data, sets)
+        from medseg.engine.train import load_cases
+        from medseg.planning import plan_run, summary_lines
+
+        planned = plan_run(cfg, load_cases(cfg), out)
+    except MedsegError as e:
+        _fail(e)
+        return
+    for line in summary_lines(planned.fingerprint):
+        console.print(line, highlight=False, markup=False)
+    table = Table(title=f"plan for {data.name} ({planned.plan.summary.get('device')})")
+    for col in ("key", "value", "why"):
+        table.add_column(col, overflow="fold")
+    for key, value, why in planned.plan.rows():
+        mark = "" if key in planned.applied else " (yours wins)"
+        table.add_row(key + mark, value, why)
+    Console().print(table)
+    for note in planned.plan.notes:
+        console.print(note, highlight=False, markup=False)
+    console.print(f"fingerprint and plan written to {out}/fingerprint.json and {out}/plan.yaml", highlight=False)
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:

@@ -22,10 +22,19 @@ class _Section(BaseModel):
 
 
 class Intensity(StrEnum):
-    percentile = "percentile"  # clip to [0.5, 99.5] percentiles, scale to [0, 1]: microscopy, MR, X-ray
+    percentile = "percentile"  # per image: clip to its [0.5, 99.5] percentiles, scale to [0, 1]: microscopy, MR, X-ray
     minmax = "minmax"  # scale min..max to [0, 1]
     ct_window = "ct_window"  # clip HU to [level - width/2, level + width/2], scale to [0, 1]
+    fixed = "fixed"  # one range for the whole dataset (data.intensity_range), e.g. CT foreground percentiles
     none = "none"
+
+
+class Resample(StrEnum):
+    """How cases are brought to one scale before training and prediction (the plan decides)."""
+
+    none = "none"  # native grid
+    spacing = "spacing"  # to data.target_spacing (mm, array order): scans that state their spacing
+    size = "size"  # each image to data.target_size pixels (geometric-mean side, aspect kept): photos
 
 
 class DataConfig(_Section):
@@ -41,8 +50,14 @@ class DataConfig(_Section):
     channels: int = 3  # network input channels per slice; gray is repeated to 3 / RGB averaged to 1
     intensity: Intensity = Intensity.percentile
     ct_window: tuple[float, float] = (400.0, 40.0)  # (width, level) when intensity == ct_window
+    intensity_range: tuple[float, float] | None = None  # (low, high) when intensity == fixed
     context_slices: int = 0  # 2.5D: k neighbours on each side -> (2k+1)*channels input channels (3D only)
+    slice_axis: int = 0  # 3D: array axis the 2.5D slices are taken along (the plan picks the low-resolution one)
+    resample: Resample = Resample.none
+    target_spacing: tuple[float, ...] | None = None  # mm, array order, when resample == spacing
+    target_size: int | None = None  # pixels (geometric-mean side), when resample == size
     patch_size: tuple[int, int] = (256, 256)  # training crop (reflect-padded when an image is smaller)
+    foreground_share: float = Field(0.0, ge=0.0, le=1.0)  # share of patches centred on a foreground voxel
     folds: int = 5  # seeded (grouped) k-fold split; train/val uses fold `fold` as validation
     fold: int = 0
     split_seed: int = 0
@@ -65,6 +80,18 @@ class DataConfig(_Section):
         missing = sorted(set(self.label_map.values()) - set(self.labels))
         if missing:
             raise ValueError(f"label_map targets {missing} have no entry in labels {sorted(self.labels)}")
+        return self
+
+    @model_validator(mode="after")
+    def _scale_settings_complete(self) -> DataConfig:
+        if self.resample == Resample.spacing and not self.target_spacing:
+            raise ValueError("resample: spacing needs data.target_spacing (mm, array order)")
+        if self.resample == Resample.size and not (self.target_size and self.target_size >= 8):
+            raise ValueError("resample: size needs data.target_size (pixels, >= 8)")
+        if self.intensity == Intensity.fixed and (not self.intensity_range or self.intensity_range[1] <= self.intensity_range[0]):
+            raise ValueError("intensity: fixed needs data.intensity_range [low, high] with low < high")
+        if not 0 <= self.slice_axis <= 2:
+            raise ValueError("slice_axis must be 0, 1 or 2")
         return self
 
     @property
@@ -144,6 +171,8 @@ class TrainConfig(_Section):
     swa_start_epoch: float = 0.75
     swa_lr: float | None = None
     samples_per_epoch: int | None = None  # random crops per epoch (None: one per training case)
+    budget_minutes: float | None = Field(None, gt=0)  # wall-clock budget of the whole run: shapes the schedule
+    val_max_cases: int | None = Field(None, ge=1)  # cases per validation during training (all at the end)
     val_every: int = 1
     early_stop_patience: int | None = None
     precision: str = "32-true"  # 16-mixed / bf16-mixed on GPU
@@ -187,6 +216,7 @@ class TuneConfig(_Section):
 class ExperimentConfig(_Section):
     name: str = "experiment"
     description: str = ""
+    plan: bool = True  # fill every data-dependent key not set here from the dataset fingerprint (medseg plan)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

@@ -114,21 +114,47 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     assert "unknown key 'train.epochz'" in out and "epochs" in out
 
 
-def test_mask_values_not_in_label_map(tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "d")
-    victim = sorted((data / "masks").iterdir())[1]
+def _train_leaving_out(tmp_path: Path, data: Path) -> str:
+    """One bad case among many: reported, left out, and the run still trains on the rest."""
+    res = runner.invoke(app, ["train", str(REPO / "configs/experiments/demo_nuclei.yaml"), "--data", str(data),
+                              "--out", str(tmp_path / "o"), "--epochs", "1", "--set", "data.folds=3", *TINY])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output and "left out" in res.output
+    assert (tmp_path / "o" / "bundle" / "weights" / "model.safetensors").is_file()
+    return res.output
+
+
+def _poison_mask_values(victim: Path) -> None:
     arr = read_scan(victim).array.copy()
     arr[:5, :5] = 7
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(victim))
-    out = _train_error(tmp_path, data)
+
+
+def test_mask_values_not_in_label_map(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "d", 12)
+    victim = sorted((data / "masks").iterdir())[1]
+    _poison_mask_values(victim)
+    out = _train_leaving_out(tmp_path, data)
     assert victim.name in out and "[7]" in out and "label map" in out
+    card = (tmp_path / "o" / "bundle" / "model_card.md").read_text()
+    assert "left out" in card and victim.name in card
+
+
+def test_many_bad_masks_stop_the_run(tmp_path: Path) -> None:
+    # A wrong label map shows up in many masks at once: that is not one bad case to skip.
+    data = _dataset(tmp_path / "d", 12)
+    victims = sorted((data / "masks").iterdir())[:3]
+    for v in victims:
+        _poison_mask_values(v)
+    out = _train_error(tmp_path, data)
+    assert "3 of" in out and victims[0].name in out and "label map" in out
 
 
 def test_mask_shape_mismatch(tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "d")
+    data = _dataset(tmp_path / "d", 12)
     victim = sorted((data / "masks").iterdir())[0]
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((10, 12), np.uint8)), str(victim))
-    out = _train_error(tmp_path, data)
+    out = _train_leaving_out(tmp_path, data)
     assert victim.name in out and "shape" in out
 
 
@@ -142,10 +168,10 @@ def test_image_without_mask_and_empty_dataset(tmp_path: Path) -> None:
 
 
 def test_corrupt_image_in_training_data(tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "d")
+    data = _dataset(tmp_path / "d", 12)
     victim = sorted((data / "images").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:100])
-    assert victim.name in _train_error(tmp_path, data)
+    assert victim.name in _train_leaving_out(tmp_path, data)
 
 
 def test_4d_input_to_predict_is_refused(nuclei_run: Path, tmp_path: Path) -> None:

@@ -1,55 +1,82 @@
-"""Datasets: a MONAI cache of preprocessed cases (read once), random training patches drawn from it, and
-whole cases for validation.
+"""Datasets: a MONAI cache of cases on the model grid (read and resampled once, kept in their own dtype), random
+training patches drawn from it (a planned share centred on foreground), and whole cases for validation.
 
-Reading, normalising, label mapping and weight maps are deterministic and expensive, so they run once per
-case inside ``monai.data.CacheDataset``; only cropping and augmentation run per step. 3D volumes are served
-as 2.5D slices: slice z with ``k`` neighbours on each side stacked as channels.
+Reading, label mapping, resampling and weight maps are deterministic and expensive, so they run once per case
+inside MONAI's ``CacheDataset`` (``data.cache: memory``), ``PersistentDataset`` (``disk``: one file per case under
+the run's ``cache/`` folder, keyed by the case and every setting that shapes it) or plain ``Dataset`` (``none``:
+read on every access). The cache holds each image in its source dtype (uint8 photos stay uint8) with its intensity
+bounds, and labels as uint8, so memory is what the files hold at the planned scale.
+
+Per patch only a window around the sampled centre is converted to float and augmented — never the whole image.
+3D volumes are served as 2.5D slices: slice z with ``k`` neighbours on each side stacked as channels.
+
+A case that cannot be read is reported (one line naming the file) and left out; the others are still used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
+from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose, MapTransform
 
 from medseg.config import ExperimentConfig
 from medseg.data.datalist import Case
-from medseg.data.preprocess import map_labels, prepare_image, touching_borders
+from medseg.data.preprocess import map_labels, model_input, prepare_scan, touching_borders
 from medseg.errors import DatasetError, MedsegError
-from medseg.io import read_scan
+from medseg.io import read_mask, read_scan
+from medseg.transforms.resample import model_grid_spacing
+
+log = logging.getLogger("medseg")
+
+FOREGROUND_POINTS_PER_CLASS = 2_000  # foreground voxel coordinates kept per class for centred sampling
+REGION_FACTOR = 1.5  # window cut around a patch centre, relative to the patch: room for zoom-out and rotation
+# Unreadable cases are left out while they are few (a damaged file, one mislabelled mask); more than this share
+# (and more than one) is a systematic problem — a wrong label map, a wrong folder — and stops the run.
+MAX_LEFT_OUT_SHARE = 0.10
 
 
 class LoadCased(MapTransform):
-    """``{"image": path, "mask": path, "instances": path}`` -> arrays: image ``(C, *spatial)`` float32,
-    label ``(*spatial)`` int64, instances ``(*spatial)`` int32, plus ``spacing`` in array order."""
+    """``{"id", "image": path, "mask": path, "instances": path}`` -> a case on the model grid:
+    ``image (C_src, *grid)`` in its own dtype, ``bounds`` (intensity, float64 (2,) or None), ``label (*grid)``
+    uint8, ``instances`` int32, ``spacing`` (model grid, array order), ``fg_points (n, ndim)`` int32 and
+    ``fg_classes (n,)`` uint8 (a sample of foreground voxels per class, for centred patches)."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(keys=["image"])
         self.cfg = cfg
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        scan = read_scan(d["image"])
-        image = prepare_image(scan, self.cfg.data)
-        d["image"] = image
-        d["spacing"] = np.asarray(scan.geometry.spacing_zyx, dtype=np.float32)
-        if d.get("mask"):
-            mask = read_scan(d["mask"])
-            d["label"] = map_labels(mask, self.cfg.data.label_map, scan.spatial_shape, _name(d["mask"]))
-        if d.get("instances"):
-            inst = read_scan(d["instances"])
-            arr = inst.array if inst.array.ndim == inst.spatial_ndim else inst.array[..., 0]
-            if arr.shape != scan.spatial_shape:
-                raise DatasetError(f"{_name(d['instances'])}: instance map shape {arr.shape} != image shape {scan.spatial_shape}")
-            d["instances"] = arr.astype(np.int32)
-            if self.cfg.data.separate_touching and "label" in d:
-                d["label"] = np.where(touching_borders(d["instances"]), 0, d["label"])
-        for k in ("mask",):
-            d.pop(k, None)
+        d = {"id": data["id"]}
+        scan = read_scan(data["image"])
+        label = instances = None
+        if data.get("mask"):
+            label = map_labels(read_mask(data["mask"]), self.cfg.data.label_map, scan.spatial_shape, _name(data["mask"]))
+        if data.get("instances"):
+            inst = read_mask(data["instances"])
+            if inst.array.shape != scan.spatial_shape:
+                raise DatasetError(f"{_name(data['instances'])}: instance map shape {inst.array.shape} != image shape "
+                                   f"{scan.spatial_shape}")
+            instances = inst.array.astype(np.int32)
+            if self.cfg.data.separate_touching and label is not None:
+                label = np.where(touching_borders(instances), 0, label).astype(label.dtype)
+        prepared = prepare_scan(scan, self.cfg.data, label, instances)
+        d["image"] = prepared.image
+        d["bounds"] = None if prepared.bounds is None else np.asarray(prepared.bounds, dtype=np.float64)
+        d["spacing"] = np.asarray(model_grid_spacing(prepared.geometry), dtype=np.float32)
+        if prepared.label is not None:
+            d["label"] = prepared.label
+            d["fg_points"], d["fg_classes"] = foreground_points(prepared.label, seed=_stable_seed(str(data["id"])))
+        if prepared.instances is not None:
+            d["instances"] = prepared.instances
         return d
 
 
@@ -57,19 +84,32 @@ def _name(p: Any) -> str:
     return str(p).rsplit("/", 1)[-1]
 
 
-def case_dicts(cases: list[Case]) -> list[dict[str, Any]]:
-    return [
-        {"id": c.id, "image": str(c.image), "mask": str(c.mask) if c.mask else None,
-         "instances": str(c.instances) if c.instances else None}
-        for c in cases
-    ]
+def _stable_seed(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def foreground_points(label: np.ndarray, seed: int = 0, per_class: int = FOREGROUND_POINTS_PER_CLASS
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``per_class`` coordinates ``(n, ndim)`` of each foreground class (uniformly sampled), and their
+    classes ``(n,)``."""
+    rng = np.random.default_rng(seed)
+    points, classes = [], []
+    for k in np.unique(label):
+        if k == 0:
+            continue
+        coords = np.argwhere(label == k)
+        if len(coords) > per_class:
+            coords = coords[rng.choice(len(coords), per_class, replace=False)]
+        points.append(coords.astype(np.int32))
+        classes.append(np.full(len(coords), k, dtype=np.uint8))
+    if not points:
+        return np.zeros((0, label.ndim), dtype=np.int32), np.zeros(0, dtype=np.uint8)
+    return np.concatenate(points), np.concatenate(classes)
 
 
 class CaseWeightMapd(MapTransform):
-    """U-Net boundary weight map for a cached case: ``label (*spatial)`` (+ ``instances``) -> ``weight``.
-
-    Computed once per case (it lives in the cache), with sigma in mm from the case's spacing when asked.
-    """
+    """U-Net boundary weight map for a cached case: ``label (*spatial)`` (+ ``instances``) -> ``weight`` (float32,
+    on the model grid, with sigma in mm from the model-grid spacing when asked). Computed once per case."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(keys=["label"])
@@ -79,6 +119,8 @@ class CaseWeightMapd(MapTransform):
         from medseg.transforms.dictionary import UNetWeightMap
 
         d = dict(data)
+        if "label" not in d:
+            return d
         objects = self.loss.objects
         instances = d.get("instances")
         if objects == "instances" and instances is None:
@@ -93,44 +135,166 @@ class CaseWeightMapd(MapTransform):
         return d
 
 
-def build_case_cache(cases: list[Case], cfg: ExperimentConfig, progress: bool = False) -> CacheDataset:
-    """Every case read and preprocessed once (plus its weight map when the loss uses one)."""
+class _ReportErrors(MapTransform):
+    """Runs the loading steps; a case that fails with a MedsegError becomes ``{"id", "error"}`` so one bad case
+    does not stop the others (MONAI would wrap and re-raise it)."""
+
+    def __init__(self, steps: Sequence[Callable]) -> None:
+        super().__init__(keys=["image"])
+        self.steps = Compose(list(steps))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        try:
+            return self.steps(dict(data))
+        except RuntimeError as e:  # MONAI's Compose wraps errors raised by a transform
+            cause = _medseg_cause(e)
+            if cause is None:
+                raise
+            return {"id": data["id"], "error": str(cause)}
+        except MedsegError as e:
+            return {"id": data["id"], "error": str(e)}
+
+
+def _medseg_cause(e: BaseException) -> MedsegError | None:
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, MedsegError):
+        cause = cause.__cause__
+    return cause
+
+
+def case_dicts(cases: list[Case], grid_key: str = "") -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "image": str(c.image), "mask": str(c.mask) if c.mask else None,
+         "instances": str(c.instances) if c.instances else None, "grid": grid_key}
+        for c in cases
+    ]
+
+
+def grid_key(cfg: ExperimentConfig) -> str:
+    """Hash of every setting that changes what the cache holds for a case (disk caches are keyed by it)."""
+    d, loss = cfg.data, cfg.loss
+    shaping = {"data": d.model_dump(mode="json", include={"label_map", "resample", "target_spacing", "target_size",
+                                                            "slice_axis", "intensity", "intensity_range", "ct_window",
+                                                            "channels", "separate_touching"}),
+               "weight": loss.model_dump(mode="json", include={"weight_map", "w0", "sigma", "sigma_in_mm", "class_weights",
+                                                                "max_class_weight", "objects"}) if loss.weight_map else None,
+               "version": 2}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CaseCache(torch.utils.data.Dataset):
+    """The readable cases of a MONAI dataset (memory / disk / none), as numpy dicts; unreadable ones are listed
+    in ``problems`` (one line each) and skipped."""
+
+    def __init__(self, base: Dataset, problems: list[str], good: list[int], ids: list[str]) -> None:
+        self.base = base
+        self.problems = problems
+        self.good = good
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.good)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        d = self.base[self.good[index]]
+        if "error" in d:  # data.cache: none, and the file changed since the first pass
+            raise DatasetError(d["error"])
+        return {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+
+
+def build_case_cache(cases: list[Case], cfg: ExperimentConfig, progress: bool = False,
+                     cache_dir: Path | None = None, check_left_out: bool = True) -> CaseCache:
+    """Every case read and brought to the model grid once (plus its weight map when the loss uses one), held as
+    ``data.cache`` says. Unreadable cases are reported and left out (`check_left_out`: unless there are too many);
+    none readable -> DatasetError."""
     steps: list[Callable] = [LoadCased(cfg)]
     if cfg.loss.weight_map:
         steps.append(CaseWeightMapd(cfg))
-    try:
-        return CacheDataset(case_dicts(cases), transform=Compose(steps), cache_rate=1.0, num_workers=0, progress=progress)
-    except RuntimeError as e:
-        # MONAI wraps transform errors in RuntimeError; surface ours (they name the file) unchanged.
-        cause = e
-        while cause is not None and not isinstance(cause, MedsegError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+    transform = _ReportErrors(steps)
+    key = grid_key(cfg)
+    items = case_dicts(cases, key)
+    mode = cfg.data.cache
+    if mode == "memory":
+        base: Dataset = CacheDataset(items, transform=transform, cache_rate=1.0,
+                                     num_workers=max(1, cfg.data.num_workers) if cfg.data.num_workers else 0,
+                                     progress=progress, copy_cache=False)
+    elif mode == "disk":
+        folder = Path(cache_dir or "cache") / key
+        folder.mkdir(parents=True, exist_ok=True)
+        base = PersistentDataset(items, transform=transform, cache_dir=folder)
+    else:
+        base = Dataset(items, transform=transform)
+    problems, good = [], []
+    for i in range(len(items)):
+        d = base[i]
+        if "error" in d:
+            problems.append(str(d["error"]))
+        else:
+            good.append(i)
+    if check_left_out:
+        check_left_out_share(problems, len(items))
+    if not good:
+        raise DatasetError(f"no readable case among {len(items)}: {problems[0] if problems else 'empty dataset'}")
+    return CaseCache(base, problems, good, [cases[i].id for i in good])
 
 
-def context_stack(volume: np.ndarray, z: int, k: int) -> np.ndarray:
-    """``(C, Z, Y, X)`` -> ``((2k+1)*C, Y, X)``: slices z-k..z+k (edges repeat), slice-major channel order."""
-    idx = np.clip(np.arange(z - k, z + k + 1), 0, volume.shape[1] - 1)
-    sl = volume[:, idx]  # (C, 2k+1, Y, X)
-    return np.ascontiguousarray(sl.transpose(1, 0, 2, 3).reshape(-1, *volume.shape[2:]))
+def check_left_out_share(problems: list[str], total: int) -> None:
+    """Too many unreadable cases is a systematic problem (DatasetError); a few are reported and left out."""
+    if len(problems) > max(1, int(MAX_LEFT_OUT_SHARE * total)):
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise DatasetError(f"{len(problems)} of {total} cases cannot be used: {'; '.join(problems[:2])}{more}")
+    for p in problems:
+        log.warning("left out: %s", p)
+
+
+def cache_nbytes(cache: CaseCache) -> int:
+    """Bytes of the arrays a cache holds (what ``data.cache: memory`` keeps in RAM)."""
+    total = 0
+    for i in range(len(cache)):
+        total += sum(v.nbytes for v in cache[i].values() if isinstance(v, np.ndarray))
+    return total
+
+
+def context_indices(z: int, k: int, depth: int) -> np.ndarray:
+    """Slice indices z-k..z+k with edge repetition (2.5D context)."""
+    return np.clip(np.arange(z - k, z + k + 1), 0, depth - 1)
+
+
+def _window(center: int, size: int, extent: int) -> tuple[int, int]:
+    """[start, stop) of a window of ``size`` around ``center`` inside [0, extent) (the whole axis if smaller)."""
+    if size >= extent:
+        return 0, extent
+    start = min(max(0, center - size // 2), extent - size)
+    return start, start + size
 
 
 class PatchDataset(torch.utils.data.Dataset):
     """Random augmented training patches: 2D cases directly, 3D cases as 2.5D slices.
 
-    Returns ``{"image": (C, H, W) float32, "label": (H, W) int64[, "weight": (H, W) float32]}``.
+    Each sample picks an item (case, slice); with probability ``data.foreground_share`` its centre is a random
+    foreground voxel of the case (a random class first, so rare classes are seen), otherwise a uniform position.
+    A window of ``REGION_FACTOR`` x patch around the centre is cut, converted to network input (`model_input`)
+    and augmented to the patch size.
+
+    Returns ``{"image": (C, H, W) float32, "label": (H, W) uint8[, "weight": (H, W) float32]}``.
+
+    The sampler keeps its own generator; ``state_dict``/``load_state_dict``/``reseed`` cover it together with the
+    augmentation's (exact resume, distinct streams per loader worker).
     """
 
-    def __init__(self, cache: CacheDataset, cfg: ExperimentConfig, augment: Callable, samples_per_epoch: int | None = None):
+    def __init__(self, cache: CaseCache, cfg: ExperimentConfig, augment: Callable, samples_per_epoch: int | None = None):
         self.cache = cache
+        self.data = cfg.data
         self.k = cfg.data.context_slices
         self.augment = augment
-        # (case index, slice index or -1 for 2D)
-        self.items: list[tuple[int, int]] = []
+        self.share = cfg.data.foreground_share
+        ph, pw = cfg.data.patch_size
+        self.region = (math.ceil(ph * REGION_FACTOR), math.ceil(pw * REGION_FACTOR))
+        self.items: list[tuple[int, int]] = []  # (case index, slice index or -1 for 2D)
         for i in range(len(cache)):
             d = cache[i]
+            if "label" not in d:
+                raise DatasetError(f"{d['id']}: training case without a mask")
             if d["label"].ndim == 3:
                 self.items += [(i, z) for z in range(d["label"].shape[0])]
             else:
@@ -138,56 +302,111 @@ class PatchDataset(torch.utils.data.Dataset):
         if not self.items:
             raise DatasetError("empty dataset: no training cases")
         self.length = samples_per_epoch or len(self.items)
+        self.rng = np.random.default_rng(cfg.train.seed + 104_729)
         self._worker_seed: int | None = None
 
+    # --------------------------------------------------------------------------------------- RNG state
+    def state_dict(self) -> dict[str, Any]:
+        state = {"sampler": self.rng.bit_generator.state}
+        if hasattr(self.augment, "state_dict"):
+            state["augment"] = self.augment.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["sampler"]
+        if "augment" in state and hasattr(self.augment, "load_state_dict"):
+            self.augment.load_state_dict(state["augment"])
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed + 104_729)
+        if hasattr(self.augment, "reseed"):
+            self.augment.reseed(seed)
+
     def _reseed_in_worker(self) -> None:
-        # Each loader worker holds a copy of the seeded augmentation: without a reseed from the worker's own
-        # seed (torch derives it from the main process RNG per epoch) every worker draws the same crops.
+        # Each loader worker holds a copy of the seeded sampler and augmentation: without a reseed from the
+        # worker's own seed (torch derives it from the main process RNG per epoch) every worker draws the same.
         info = torch.utils.data.get_worker_info()
-        if info is not None and info.seed != self._worker_seed and hasattr(self.augment, "reseed"):
-            self.augment.reseed(info.seed)
+        if info is not None and info.seed != self._worker_seed:
+            self.reseed(info.seed % 2**32)
             self._worker_seed = info.seed
 
+    # ------------------------------------------------------------------------------------------ sampling
     def __len__(self) -> int:
         return self.length
+
+    def _centre(self, d: dict[str, Any], z: int) -> tuple[int, tuple[int, int]]:
+        """(slice, (y, x)) of the patch centre."""
+        shape = d["label"].shape
+        points = d.get("fg_points")
+        if self.share > 0 and points is not None and len(points) and self.rng.random() < self.share:
+            classes = d["fg_classes"]
+            k = self.rng.choice(np.unique(classes))
+            candidates = np.flatnonzero(classes == k)
+            p = points[candidates[self.rng.integers(len(candidates))]]
+            return (int(p[0]) if len(shape) == 3 else -1), (int(p[-2]), int(p[-1]))
+        h, w = shape[-2:]
+        return z, (int(self.rng.integers(h)), int(self.rng.integers(w)))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         self._reseed_in_worker()
         i, z = self.items[index % len(self.items)]
         d = self.cache[i]
+        z, (cy, cx) = self._centre(d, z)
+        label_full = d["label"]
+        h, w = label_full.shape[-2:]
+        y0, y1 = _window(cy, self.region[0], h)
+        x0, x1 = _window(cx, self.region[1], w)
         weight = d.get("weight")
+        bounds = None if d.get("bounds") is None else tuple(float(v) for v in d["bounds"])
         if z < 0:
-            image, label = d["image"], d["label"]
+            raw = d["image"][:, y0:y1, x0:x1]
+            image = model_input(raw, self.data, bounds, d["id"])
+            label = label_full[y0:y1, x0:x1]
+            weight = weight[y0:y1, x0:x1] if weight is not None else None
         else:
-            image = context_stack(d["image"], z, self.k)
-            label = d["label"][z]
-            weight = weight[z] if weight is not None else None
+            idx = context_indices(z, self.k, label_full.shape[0])
+            raw = d["image"][:, idx, y0:y1, x0:x1]  # (C_src, 2k+1, h, w)
+            m = model_input(raw, self.data, bounds, d["id"])  # (channels, 2k+1, h, w)
+            image = m.transpose(1, 0, 2, 3).reshape(-1, *m.shape[2:])  # slice-major, as in inference
+            label = label_full[z, y0:y1, x0:x1]
+            weight = weight[z, y0:y1, x0:x1] if weight is not None else None
         out = self.augment(
             np.ascontiguousarray(np.moveaxis(image, 0, -1)), np.ascontiguousarray(label),
             None if weight is None else np.ascontiguousarray(weight),
         )
         sample = {
-            "image": torch.from_numpy(np.ascontiguousarray(np.moveaxis(out["image"], -1, 0))).float(),
-            "label": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(),
+            "image": torch.from_numpy(np.ascontiguousarray(np.moveaxis(out["image"], -1, 0))),
+            "label": torch.from_numpy(np.ascontiguousarray(out["mask"])),
         }
         if out.get("weight") is not None:
-            sample["weight"] = torch.from_numpy(np.ascontiguousarray(out["weight"])).float()
+            sample["weight"] = torch.from_numpy(np.ascontiguousarray(out["weight"]))
         return sample
 
 
 class WholeCaseDataset(torch.utils.data.Dataset):
-    """Whole preprocessed cases for validation/evaluation (batch size 1; sizes differ)."""
+    """Whole cases on the model grid for validation (batch size 1; sizes differ): network input, label and
+    weight map (when the loss uses one).
 
-    def __init__(self, cache: CacheDataset):
+    ``max_cases``: validate on the first that many of a seeded permutation (``all_indices``) — the same subset every
+    round, so rounds compare; a budget re-plan may change ``indices`` between rounds."""
+
+    def __init__(self, cache: CaseCache, cfg: ExperimentConfig, max_cases: int | None = None, seed: int = 0):
         self.cache = cache
+        self.data = cfg.data
+        self.all_indices = [int(i) for i in np.random.default_rng(seed).permutation(len(cache))]
+        self.indices = list(self.all_indices[:max_cases] if max_cases else self.all_indices)
 
     def __len__(self) -> int:
-        return len(self.cache)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        d = self.cache[index]
-        return {"id": d["id"], "image": torch.from_numpy(d["image"]), "label": torch.from_numpy(d["label"]),
-                "spacing": torch.from_numpy(d["spacing"])}
+        d = self.cache[self.indices[index]]
+        bounds = None if d.get("bounds") is None else tuple(float(v) for v in d["bounds"])
+        out = {"id": d["id"], "image": torch.from_numpy(model_input(d["image"], self.data, bounds, d["id"])),
+               "label": torch.from_numpy(d["label"]), "spacing": torch.from_numpy(np.asarray(d["spacing"]))}
+        if d.get("weight") is not None:
+            out["weight"] = torch.from_numpy(d["weight"])
+        return out
 
 
 def collate_single(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -198,7 +198,7 @@ def _optimizer(cfg: ExperimentConfig, model: torch.nn.Module, lr: float) -> torc
 
 
 def _loss(loss_fn, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return loss_fn(logits, batch["label"], batch.get("weight"))
+    return loss_fn(logits, batch["label"].long(), batch.get("weight"))
 
 
 def _main_logits(out) -> torch.Tensor:
@@ -213,7 +213,7 @@ def check_initial_loss(cfg: ExperimentConfig, model: torch.nn.Module, batches, r
     with torch.no_grad():
         out = model(batches[0]["image"])
         logits = _main_logits(out)
-        ce = float(F.cross_entropy(logits, batches[0]["label"]))
+        ce = float(F.cross_entropy(logits, batches[0]["label"].long()))
         configured = float(_loss(build_loss(cfg.loss), out, batches[0]))
     chance = math.log(cfg.data.num_classes)
     if not math.isfinite(ce) or not math.isfinite(configured):

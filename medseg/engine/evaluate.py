@@ -1,54 +1,122 @@
-"""`medseg evaluate`: a bundle against labeled cases of a split; per-case, per-label Dice and HD95."""
+"""The one evaluation loop: a predictor against labeled cases on their own grids — per-case, per-label Dice, IoU
+and HD95. `medseg evaluate`, the end of `medseg train` (the Dice of what the bundle ships), the demo and the
+benchmarks all score through `evaluate_cases`. A case that cannot be read is reported and the others are scored.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medseg.bundle import load_bundle
-from medseg.data import discover_cases, read_datalist, train_val_ids
+from medseg.config import ExperimentConfig
+from medseg.data import Case, discover_cases, read_datalist, train_val_ids
 from medseg.data.preprocess import map_labels
-from medseg.errors import DatasetError
-from medseg.inference import Predictor
-from medseg.io import read_scan
+from medseg.errors import DatasetError, MedsegError
+from medseg.io import read_mask, read_scan
 from medseg.metrics import per_label_metrics
 
+log = logging.getLogger("medseg")
 
-def evaluate_bundle(bundle_path: Path, data: Path | None, split: str = "val", device: str = "auto"):
-    """Returns (rows, summary): rows ``{case, label, dice, iou, hd95}``; summary label -> (mean, sd) Dice."""
-    bundle = load_bundle(bundle_path)
-    cfg = bundle.config
+
+@dataclass
+class Evaluation:
+    """``rows``: one per case and foreground label ``{case, label, dice, iou[, hd95]}``; ``summary``: label name ->
+    (mean, sd) Dice over cases; ``mean_dice``: mean over labels of the per-label means; ``failed``: one line per
+    case that could not be scored."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, tuple[float, float]]
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def mean_dice(self) -> float:
+        return float(np.mean([m for m, _ in self.summary.values()])) if self.summary else float("nan")
+
+    @property
+    def n_cases(self) -> int:
+        return len({r["case"] for r in self.rows})
+
+
+def load_target(case: Case, cfg: ExperimentConfig, shape: tuple[int, ...]) -> np.ndarray:
+    """The case's mask as class indices on the image's own grid."""
+    if case.mask is None:
+        raise DatasetError(f"{case.image.name}: no mask to evaluate against")
+    return map_labels(read_mask(case.mask), cfg.data.label_map, shape, case.mask.name)
+
+
+def evaluate_cases(
+    predictor: Any,
+    cases: Sequence[Case],
+    cfg: ExperimentConfig,
+    *,
+    hd95: bool = True,
+    on_case: Callable[[Case, Any, Any, np.ndarray], None] | None = None,
+) -> Evaluation:
+    """Predict every case with ``predictor`` (anything with ``predict_scan``) and score it against its mask.
+    ``on_case(case, scan, prediction, target)`` is called after each case (writers, progress)."""
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
+    labels = cfg.data.labels
+    for case in cases:
+        try:
+            scan = read_scan(case.image)
+            target = load_target(case, cfg, scan.spatial_shape)
+            pred = predictor.predict_scan(scan)
+        except MedsegError as e:
+            failed.append(str(e))
+            log.warning("not scored: %s", e)
+            continue
+        metrics = per_label_metrics(pred.mask, target, cfg.data.num_classes, spacing=scan.geometry.spacing_zyx, hd95=hd95)
+        for k, m in metrics.items():
+            rows.append({"case": case.id, "label": labels[k], **m})
+        if on_case is not None:
+            on_case(case, scan, pred, target)
+    summary = {}
+    for k in range(1, cfg.data.num_classes):
+        d = [r["dice"] for r in rows if r["label"] == labels[k]]
+        if d:
+            summary[labels[k]] = (float(np.mean(d)), float(np.std(d)))
+    return Evaluation(rows, summary, failed)
+
+
+def bundle_cases(bundle_cfg: ExperimentConfig, bundle_path: Path, data: Path | None, split: str) -> list[Case]:
+    """The cases of ``split`` (val | train | all) of the data a bundle was trained on (or ``data``)."""
     if data is not None:
-        cases = discover_cases(Path(data), cfg.data.images_dir, cfg.data.masks_dir)
-    elif cfg.data.datalist is not None:
-        cases = read_datalist(cfg.data.datalist)
-    elif cfg.data.root is not None:
-        cases = discover_cases(cfg.data.root, cfg.data.images_dir, cfg.data.masks_dir)
+        cases = discover_cases(Path(data), bundle_cfg.data.images_dir, bundle_cfg.data.masks_dir)
+    elif bundle_cfg.data.datalist is not None:
+        cases = read_datalist(bundle_cfg.data.datalist)
+    elif bundle_cfg.data.root is not None:
+        cases = discover_cases(bundle_cfg.data.root, bundle_cfg.data.images_dir, bundle_cfg.data.masks_dir)
     else:
         raise DatasetError("no data: pass --data")
     if split != "all":
-        split_file = bundle.path / "splits.json"
+        split_file = Path(bundle_path) / "splits.json"
         if not split_file.is_file():
-            raise DatasetError(f"{bundle.path.name}: bundle has no splits.json; use --split all")
+            raise DatasetError(f"{Path(bundle_path).name}: bundle has no splits.json; use --split all")
         folds = json.loads(split_file.read_text())["folds"]
-        train_ids, val_ids = train_val_ids(folds, cfg.data.fold)
+        train_ids, val_ids = train_val_ids(folds, bundle_cfg.data.fold)
         wanted = set(val_ids if split == "val" else train_ids)
         cases = [c for c in cases if c.id in wanted]
     if not cases:
         raise DatasetError(f"no cases of split {split!r} found in the data")
-    predictor = Predictor.from_bundle(bundle, device=device)
-    rows = []
-    for case in cases:
-        scan = read_scan(case.image)
-        target = map_labels(read_scan(case.mask), cfg.data.label_map, scan.spatial_shape, case.mask.name)
-        pred = predictor.predict_scan(scan)
-        metrics = per_label_metrics(pred.mask, target, cfg.data.num_classes, spacing=scan.geometry.spacing_zyx)
-        for k, m in metrics.items():
-            rows.append({"case": case.id, "label": cfg.data.labels[k], **m})
-    summary = {}
-    for k in range(1, cfg.data.num_classes):
-        d = [r["dice"] for r in rows if r["label"] == cfg.data.labels[k]]
-        summary[cfg.data.labels[k]] = (float(np.mean(d)), float(np.std(d)))
-    return rows, summary
+    return cases
+
+
+def evaluate_bundle(bundle_path: Path, data: Path | None, split: str = "val", device: str = "auto"):
+    """Returns (rows, summary) for ``medseg evaluate``: rows ``{case, label, dice, iou, hd95}``; summary label ->
+    (mean, sd) Dice."""
+    from medseg.inference import Predictor
+
+    bundle = load_bundle(bundle_path)
+    cases = bundle_cases(bundle.config, bundle.path, data, split)
+    result = evaluate_cases(Predictor.from_bundle(bundle, device=device), cases, bundle.config)
+    if not result.rows:
+        raise DatasetError(f"no case could be scored: {result.failed[0] if result.failed else 'no cases'}")
+    return result.rows, result.summary

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.config import ExperimentConfig
+from medseg.engine.budget import ScheduleClock
 from medseg.engine.schedules import build_schedule, params_in_steps, snapshot_steps
 from medseg.inference.tiling import predict_logits_case
 from medseg.losses import build_loss
@@ -20,7 +21,10 @@ from medseg.models.transfer import apply_transfer_strategy, param_groups, unfree
 
 
 class SegModule(L.LightningModule):
-    def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module | None = None,
+                 planned_steps: list[int] | None = None) -> None:
+        """``planned_steps``: optimiser steps per epoch when they differ between epochs (a budgeted run,
+        `medseg.engine.budget`); the schedule is laid over their sum. Default: Lightning's estimate."""
         super().__init__()
         self.cfg = cfg
         self.model = model if model is not None else build_model(cfg.model, cfg.data.input_channels, cfg.data.num_classes)
@@ -32,6 +36,10 @@ class SegModule(L.LightningModule):
         self.lr = cfg.train.lr
         # Global steps that end an SGDR cycle (set in configure_optimizers; read by SnapshotEnsemble).
         self.snapshot_steps: list[int] = []
+        self.planned_steps = planned_steps
+        # Real steps -> steps of the nominal schedule; a budget re-plan stretches or squeezes the rest of it.
+        self.schedule_clock: ScheduleClock | None = None
+        self._nominal_snapshots: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -44,7 +52,7 @@ class SegModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["image"])
-        loss = self.loss_fn(logits, batch["label"], batch.get("weight"))
+        loss = self.loss_fn(logits, batch["label"].long(), batch.get("weight"))  # labels travel as uint8
         bs = batch["image"].shape[0]
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self._epoch_loss_sum += loss.detach() * bs  # a tensor: no GPU sync per step
@@ -60,7 +68,7 @@ class SegModule(L.LightningModule):
     def validation_step(self, case: dict, batch_idx: int) -> None:
         logits = predict_logits_case(self.model, case["image"].to(self.device), self.cfg.data.context_slices, self.cfg.inference)
         logits = logits.to(self.device)
-        label = case["label"].to(self.device)
+        label = case["label"].to(self.device).long()
         loss = F.cross_entropy(logits[None], label[None])
         pred = logits.argmax(0).cpu().numpy()
         metrics = per_label_metrics(pred, label.cpu().numpy(), self.cfg.data.num_classes, hd95=False)
@@ -91,13 +99,36 @@ class SegModule(L.LightningModule):
             opt = torch.optim.Adam(groups, lr=lr)
         else:
             opt = torch.optim.AdamW(groups, lr=lr)
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        if self.planned_steps:
+            total = int(sum(self.planned_steps))
+            steps_per_epoch = max(1, total // len(self.planned_steps))
+        else:
+            total = int(self.trainer.estimated_stepping_batches)
+            steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         params = params_in_steps(dict(t.schedule_params), steps_per_epoch)
         if t.schedule in ("cosine", "linear", "sgdr"):
             params.setdefault("min_ratio", t.min_lr_ratio)
         warmup = int(round(t.warmup_epochs * steps_per_epoch))
         schedule = build_schedule(t.schedule, total, warmup, **params)
-        self.snapshot_steps = snapshot_steps(t.schedule, total, warmup, **params)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        self._nominal_snapshots = snapshot_steps(t.schedule, total, warmup, **params)
+        if self.schedule_clock is None:  # a resumed run restored its clock from the checkpoint already
+            self.schedule_clock = ScheduleClock(total)
+        clock = self.schedule_clock
+        self.update_snapshot_steps()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(clock.virtual(step)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def update_snapshot_steps(self) -> None:
+        """Real steps at which SGDR cycles end, after the schedule clock's latest re-plan."""
+        assert self.schedule_clock is not None
+        real = (self.schedule_clock.real(v) for v in self._nominal_snapshots)
+        self.snapshot_steps = sorted({s for s in real if s is not None})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.schedule_clock is not None:
+            checkpoint["schedule_clock"] = self.schedule_clock.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "schedule_clock" in checkpoint:
+            self.schedule_clock = ScheduleClock(1)
+            self.schedule_clock.load_state_dict(checkpoint["schedule_clock"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import random
 import shutil
@@ -34,13 +35,21 @@ from lightning.pytorch.loggers import CSVLogger
 from medseg.bundle import RESEARCH_NOTICE, save_bundle
 from medseg.config import ExperimentConfig, config_to_yaml
 from medseg.data import Case, discover_cases, load_or_make_splits, read_datalist, train_val_ids
-from medseg.data.dataset import PatchDataset, WholeCaseDataset, build_case_cache, collate_single
+from medseg.data.dataset import (
+    PatchDataset,
+    WholeCaseDataset,
+    build_case_cache,
+    check_left_out_share,
+    collate_single,
+)
+from medseg.engine.budget import BudgetGuard, initial_epoch_steps, monotonic
 from medseg.engine.callbacks import LearningCurves, SnapshotEnsemble, read_snapshots
 from medseg.engine.checkpointing import AtomicCheckpointIO, ResumableRandomState
 from medseg.engine.diagnose import Finding, diagnose_curves
 from medseg.engine.module import SegModule
 from medseg.errors import ConfigError, DatasetError
 from medseg.models.pretrained import load_checkpoint
+from medseg.planning import DeviceProfile, detect_device, plan_run
 from medseg.transforms.augment import build_augmentation_2d
 
 log = logging.getLogger("medseg")
@@ -54,13 +63,14 @@ _VERSIONED = ("medseg", "torch", "torchvision", "lightning", "monai", "segmentat
 class TrainResult:
     out_dir: Path
     bundle: Path
-    best_val_dice: float  # best val Dice of a single checkpoint (ModelCheckpoint's score)
+    best_val_dice: float  # best val Dice of a single checkpoint during training (ModelCheckpoint's score)
     epochs_run: int
     seconds: float
     members: list[str] = field(default_factory=list)  # ensemble members written to the bundle
-    final_val_dice: float = float("nan")  # val Dice of the last validation (the SWA model when swa is on)
+    val_dice: float = float("nan")  # Dice of what the bundle ships, on every validation case, source grids
     global_step: int = 0
     findings: list[Finding] = field(default_factory=list)  # diagnosis of the learning curves
+    left_out: list[str] = field(default_factory=list)  # unreadable cases, one line each (the others were used)
 
 
 def load_cases(cfg: ExperimentConfig) -> list[Case]:
@@ -95,19 +105,29 @@ def split_cases(cfg: ExperimentConfig, cases: list[Case], out_dir: Path) -> tupl
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
 
 
-def preprocessing_record(cfg: ExperimentConfig) -> dict:
+def preprocessing_record(cfg: ExperimentConfig, fingerprint: dict | None = None) -> dict:
+    """``preprocessing.json``: how a scan becomes network input (the config's data section says the same; this is
+    the human-readable summary) and the training data's fingerprint summary (what later scans are checked against)."""
     d = cfg.data
-    return {
+    record = {
         "channels": d.channels, "intensity": str(d.intensity), "ct_window": list(d.ct_window),
+        "intensity_range": list(d.intensity_range) if d.intensity_range else None,
+        "resample": str(d.resample), "target_spacing": list(d.target_spacing) if d.target_spacing else None,
+        "target_size": d.target_size, "slice_axis": d.slice_axis,
         "context_slices": d.context_slices, "input_channels": d.input_channels, "num_classes": d.num_classes,
         "array_convention": "(y, x[, C]) or (z, y, x); network input (B, C, H, W), 2.5D channels slice-major",
     }
+    if fingerprint is not None:
+        record["training_fingerprint"] = fingerprint
+    return record
 
 
 def model_card(cfg: ExperimentConfig, n_train: int, n_val: int, val_metrics: dict[str, float], extra: str = "") -> str:
     labels = "\n".join(f"| {i} | {n} |" for i, n in sorted(cfg.data.labels.items()))
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in val_metrics.items())
     data = cfg.data.root.name if cfg.data.root else (cfg.data.datalist.name if cfg.data.datalist else "?")
+    scale = {"none": "native grid", "spacing": f"resampled to {tuple(cfg.data.target_spacing or ())} mm",
+             "size": f"each image resized to a {cfg.data.target_size} px geometric-mean side"}[str(cfg.data.resample)]
     return f"""# {cfg.name}
 
 **{RESEARCH_NOTICE}**
@@ -116,7 +136,7 @@ def model_card(cfg: ExperimentConfig, n_train: int, n_val: int, val_metrics: dic
 
 ## Model
 - Architecture: {cfg.model.arch} with encoder `{cfg.model.encoder}` (initialised from `{cfg.model.pretrained}`)
-- Input: {cfg.data.input_channels} channel(s) ({cfg.data.channels} per slice, 2.5D context ±{cfg.data.context_slices}), intensity `{cfg.data.intensity}`
+- Input: {cfg.data.input_channels} channel(s) ({cfg.data.channels} per slice, 2.5D context ±{cfg.data.context_slices}), intensity `{cfg.data.intensity}`, {scale}
 
 ## Labels
 | index | name |
@@ -233,8 +253,9 @@ def build_callbacks(cfg: ExperimentConfig, out_dir: Path, progress: bool) -> lis
 
 def build_trainer(
     cfg: ExperimentConfig, out_dir: Path, progress: bool = True, extra_callbacks: list | None = None,
-    max_time: timedelta | None = None,
+    max_time: timedelta | None = None, reload_dataloaders: bool = False,
 ) -> L.Trainer:
+    """``reload_dataloaders``: re-read the loaders' lengths every epoch (a budgeted run re-plans them)."""
     t = cfg.train
     if t.swa and t.early_stop_patience:
         raise ConfigError("train.swa and train.early_stop_patience exclude each other: SWA needs the run to reach its last epoch")
@@ -255,6 +276,7 @@ def build_trainer(
         check_val_every_n_epoch=t.val_every,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
+        reload_dataloaders_every_n_epochs=1 if reload_dataloaders else 0,
         logger=build_loggers(cfg, out_dir),
         callbacks=[*build_callbacks(cfg, out_dir, progress), *(extra_callbacks or [])],
         plugins=[AtomicCheckpointIO()],  # temp file + rename in the checkpoint folder, whatever TMPDIR is
@@ -263,10 +285,12 @@ def build_trainer(
     )
 
 
-def build_dataloaders(cfg: ExperimentConfig, train_cases: list[Case], val_cases: list[Case], progress: bool = False):
-    """(train loader of random augmented patches, val loader of whole cases)."""
-    train_cache = build_case_cache(train_cases, cfg, progress=progress)
-    val_cache = build_case_cache(val_cases, cfg, progress=progress)
+def build_dataloaders(cfg: ExperimentConfig, train_cases: list[Case], val_cases: list[Case], progress: bool = False,
+                      cache_dir: Path | None = None):
+    """(train loader of random augmented patches, val loader of whole cases on the model grid)."""
+    train_cache = build_case_cache(train_cases, cfg, progress=progress, cache_dir=cache_dir, check_left_out=False)
+    val_cache = build_case_cache(val_cases, cfg, progress=progress, cache_dir=cache_dir, check_left_out=False)
+    check_left_out_share([*train_cache.problems, *val_cache.problems], len(train_cases) + len(val_cases))
     augment = build_augmentation_2d(
         cfg.augment.preset, cfg.data.patch_size, cfg.data.input_channels, padding_mode=cfg.augment.padding_mode,
         rgb=cfg.data.channels == 3 and cfg.data.context_slices == 0,  # no hue shifts on stacks of gray slices
@@ -274,18 +298,63 @@ def build_dataloaders(cfg: ExperimentConfig, train_cases: list[Case], val_cases:
     )
     train_ds = PatchDataset(train_cache, cfg, augment, cfg.train.samples_per_epoch)
     bs = cfg.train.batch_size
+    workers = cfg.data.num_workers
     train_dl = torch.utils.data.DataLoader(
-        train_ds, batch_size=bs, shuffle=True, num_workers=cfg.data.num_workers,
+        train_ds, batch_size=bs, shuffle=True, num_workers=workers,
         drop_last=len(train_ds) > bs,  # a last batch of 1 breaks BatchNorm
-        persistent_workers=cfg.data.num_workers > 0,
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available() and cfg.train.accelerator != "cpu",
     )
-    val_dl = torch.utils.data.DataLoader(WholeCaseDataset(val_cache), batch_size=1, collate_fn=collate_single)
+    val_ds = WholeCaseDataset(val_cache, cfg, max_cases=cfg.train.val_max_cases, seed=cfg.data.split_seed)
+    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=1, collate_fn=collate_single)
     return train_dl, val_dl
 
 
 def _load_checkpoint_state(path: str) -> dict[str, torch.Tensor]:
     # weights_only=True: plain tensors and containers only; our checkpoints hold nothing else.
     return _strip_prefix(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+
+
+@dataclass
+class _RunSetup:
+    cfg: ExperimentConfig
+    train_cases: list[Case]
+    val_cases: list[Case]
+    fingerprint: dict | None
+    plan_rows: list[tuple[str, str, str]]
+    left_out: list[str] = field(default_factory=list)
+
+
+def _prepare_run(cfg: ExperimentConfig, out_dir: Path, resuming: bool, device: DeviceProfile | None) -> _RunSetup:
+    """Cases, split, plan (applied to the keys the user did not set); writes config.yaml and run_info.json."""
+    cases = load_cases(cfg)
+    train_cases, val_cases = split_cases(cfg, cases, out_dir)
+    fingerprint, rows = None, []
+    if cfg.plan:
+        planned = plan_run(cfg, cases, out_dir, device, n_train=len(train_cases))
+        cfg = planned.cfg
+        fingerprint = planned.fingerprint.summary()
+        rows = [r for r in planned.plan.rows() if r[0] in planned.applied]
+        for key, value, reason in rows:
+            log.info("plan: %s = %s  (%s)", key, value, reason)
+    (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    write_run_info(cfg, out_dir, resuming)
+    return _RunSetup(cfg, train_cases, val_cases, fingerprint, rows)
+
+
+def _budget_guard(cfg: ExperimentConfig, train_dl, val_dl, n_val: int, start: float, clock,
+                  device: DeviceProfile | None) -> BudgetGuard | None:
+    minutes = cfg.train.budget_minutes
+    if not minutes:
+        return None
+    t = cfg.train
+    per_step = t.batch_size * t.accumulate_grad_batches
+    spe = max(1, len(train_dl.dataset) // per_step)
+    device = device or detect_device(t.accelerator, cfg.model.encoder)
+    estimate = per_step * cfg.data.patch_size[0] * cfg.data.patch_size[1] / device.train_pixels_per_s
+    epoch_steps = initial_epoch_steps(t.epochs, spe, minutes * 60, estimate)
+    return BudgetGuard(deadline=start + minutes * 60, clock=clock, epoch_steps=epoch_steps, batch=per_step,
+                       train_dataset=train_dl.dataset, val_dataset=val_dl.dataset, n_val_total=n_val,
+                       budget_seconds=minutes * 60)
 
 
 def train(
@@ -295,16 +364,25 @@ def train(
     progress: bool = True,
     extra_callbacks: list[L.Callback] | None = None,
     max_time: timedelta | None = None,
+    *,
+    clock=monotonic,
+    device: DeviceProfile | None = None,
 ) -> TrainResult:
     """Train one model as configured; write ``out_dir/{bundle/, progress.png, metrics.csv, splits.json,
-    run_info.json, diagnosis.txt, checkpoints/}``.
+    fingerprint.json, plan.yaml, run_info.json, diagnosis.txt, checkpoints/}``.
+
+    With ``cfg.plan`` the dataset is fingerprinted and every data-dependent key the config does not set is planned
+    (`medseg.planning`). With ``train.budget_minutes`` the whole run — planning, caching, training, validation and
+    the final evaluation — fits that wall-clock budget, and the LR schedule ends annealed (`medseg.engine.budget`;
+    ``clock`` is the time source). ``max_time`` only stops the fit after that long (Lightning's hard stop).
 
     The bundle's members: ``swa`` (with ``train.swa``), ``snapshot_<i>`` for each completed SGDR cycle (with
-    ``train.snapshots``), otherwise ``model`` (the best checkpoint by val Dice). ``resume`` continues from
-    ``checkpoints/last.ckpt`` (same epoch, optimiser and scheduler state); ``max_time`` stops the run after
-    that much wall-clock time (the bundle is still written).
+    ``train.snapshots``), otherwise ``model`` (the best checkpoint by val Dice). Their ensemble is then scored on
+    every validation case through the Predictor (on the cases' own grids): that Dice is what the model card, the
+    result and run_info.json report. ``resume`` continues from ``checkpoints/last.ckpt``.
     """
-    start = time.time()
+    start = clock()
+    wall_start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -314,33 +392,36 @@ def train(
         # A fresh run must not inherit members or checkpoints of an earlier run in the same folder.
         shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    write_run_info(cfg, out_dir, resuming)
+    setup = _prepare_run(cfg, out_dir, resuming, device)
+    cfg = setup.cfg
+    log.info("training on %d cases, validating on %d", len(setup.train_cases), len(setup.val_cases))
+    train_dl, val_dl = build_dataloaders(cfg, setup.train_cases, setup.val_cases, progress, cache_dir=out_dir / "cache")
 
-    cases = load_cases(cfg)
-    train_cases, val_cases = split_cases(cfg, cases, out_dir)
-    log.info("training on %d cases, validating on %d", len(train_cases), len(val_cases))
-    train_dl, val_dl = build_dataloaders(cfg, train_cases, val_cases, progress)
-
-    module = SegModule(cfg)
-    # The RNG state (global and the augmentation's own) goes into every checkpoint: --resume then draws the
-    # same patches as an uninterrupted run would.
-    rng_state = ResumableRandomState(train_dl.dataset.augment, cfg.train.seed)
-    trainer = build_trainer(cfg, out_dir, progress, [rng_state, *(extra_callbacks or [])], max_time)
+    guard = _budget_guard(cfg, train_dl, val_dl, len(setup.val_cases), start, clock, device)
+    module = SegModule(cfg, planned_steps=guard.state.epoch_steps if guard else None)
+    # The RNG state (global, the patch sampler's and the augmentation's own) goes into every checkpoint: --resume
+    # then draws the same patches as an uninterrupted run would.
+    rng_state = ResumableRandomState(train_dl.dataset, cfg.train.seed)
+    callbacks = [rng_state, *([guard] if guard else []), *(extra_callbacks or [])]
+    if guard is not None and max_time is None:  # the guard plans to finish in time; this is the backstop
+        max_time = timedelta(seconds=cfg.train.budget_minutes * 60 * 1.02)
+    trainer = build_trainer(cfg, out_dir, progress, callbacks, max_time, reload_dataloaders=guard is not None)
     # Our checkpoints hold only tensors, numbers, strings and containers (model, optimiser, scheduler,
     # loop and callback state), so resume loads them with weights_only=True: nothing is unpickled.
     if resuming:  # a tampered or damaged last.ckpt: a one-line error now, not a traceback from inside fit
         load_checkpoint(last)
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resuming else None,
                 weights_only=True if resuming else None)
+    setup.left_out = [*train_dl.dataset.cache.problems, *val_dl.dataset.cache.problems]
+    readable = set(val_dl.dataset.cache.ids)
+    setup.val_cases = [c for c in setup.val_cases if c.id in readable]
+    return _finish(cfg, out_dir, setup, trainer, module, wall_start)
 
+
+def _collect_members(cfg: ExperimentConfig, out_dir: Path, trainer: L.Trainer, module: SegModule
+                     ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     ckpt = trainer.checkpoint_callback
     best_path = ckpt.best_model_path if ckpt else ""
-    best_score = ckpt.best_model_score if ckpt else None
-    val_dice = float(best_score) if best_score is not None else float("nan")
-    final = trainer.callback_metrics.get("val_dice")
-    final_dice = float(final) if final is not None else float("nan")
-
     members: dict[str, dict[str, torch.Tensor]] = {}
     notes = []
     if cfg.train.snapshots:
@@ -356,23 +437,69 @@ def train(
     if swa_finished:
         # After fit the module holds the SWA average with BatchNorm statistics recomputed by Lightning.
         members["swa"] = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
-        notes.append(f"- Stochastic weight averaging from epoch {cfg.train.swa_start_epoch}; val Dice of the average {final_dice:.4f}")
+        notes.append(f"- Stochastic weight averaging from epoch {cfg.train.swa_start_epoch}")
     if not members:
         if cfg.train.snapshots and not cfg.train.swa:
             log.warning("no SGDR cycle completed (run stopped early?): the bundle holds the best checkpoint instead")
         members["model"] = _load_checkpoint_state(best_path) if best_path else module.model.state_dict()
+    return members, notes
 
+
+def _finish(cfg: ExperimentConfig, out_dir: Path, setup: _RunSetup, trainer: L.Trainer, module: SegModule,
+            wall_start: float) -> TrainResult:
+    """Members -> measured Dice of their ensemble on every validation case -> bundle, diagnosis, run_info."""
+    ckpt = trainer.checkpoint_callback
+    best_score = ckpt.best_model_score if ckpt else None
+    best_dice = float(best_score) if best_score is not None else float("nan")
+    members, notes = _collect_members(cfg, out_dir, trainer, module)
     curves = next((c for c in trainer.callbacks if isinstance(c, LearningCurves)), None)
     findings = diagnose_curves(curves.rows) if curves is not None else []
+    bundle = out_dir / "bundle"
+    shipped = float("nan")
     if trainer.is_global_zero:
         (out_dir / "diagnosis.txt").write_text("\n".join(f"[{f.code}] {f.message}" for f in findings) + "\n")
-    bundle = out_dir / "bundle"
-    if trainer.is_global_zero:
-        extra = ("\n## Ensemble\n" + "\n".join(notes) + f"\n- Members: {', '.join(members)}\n") if notes else ""
+        shipped, per_label = _score_members(cfg, members, setup.val_cases)
+        metrics = {f"val Dice {name} (shipped model, {len(setup.val_cases)} cases)": v for name, v in per_label.items()}
+        metrics["val Dice (foreground mean, shipped model)"] = shipped
+        if math.isfinite(best_dice):
+            metrics["val Dice (best checkpoint during training, validation subset, model grid)"] = best_dice
+        plan = ("\n## Plan\n" + "\n".join(f"- `{k}` = {v}: {why}" for k, v, why in setup.plan_rows) + "\n"
+                if setup.plan_rows else "")
+        extra = (("\n## Ensemble\n" + "\n".join(notes) + f"\n- Members: {', '.join(members)}\n") if notes else "") + plan
+        if setup.left_out:
+            extra += "\n## Cases left out (unreadable)\n" + "\n".join(f"- {p}" for p in setup.left_out) + "\n"
         save_bundle(
-            bundle, cfg, members, preprocessing_record(cfg),
-            model_card(cfg, len(train_cases), len(val_cases), {"val Dice (foreground mean)": val_dice}, extra),
+            bundle, cfg, members, preprocessing_record(cfg, setup.fingerprint),
+            model_card(cfg, len(setup.train_cases), len(setup.val_cases), metrics, extra),
             extra_files={"splits.json": split_file_for(cfg, out_dir).read_text()},
         )
-    return TrainResult(out_dir, bundle, val_dice, trainer.current_epoch, time.time() - start, list(members),
-                       final_dice, trainer.global_step, findings)
+        _record_result(out_dir, shipped, best_dice, trainer, time.time() - wall_start, setup.left_out)
+    return TrainResult(out_dir, bundle, best_dice, trainer.current_epoch, time.time() - wall_start, list(members),
+                       shipped, trainer.global_step, findings, setup.left_out)
+
+
+def _score_members(cfg: ExperimentConfig, members: dict[str, dict[str, torch.Tensor]], val_cases: list[Case]
+                   ) -> tuple[float, dict[str, float]]:
+    """Mean foreground Dice (and per label) of the members' ensemble on every validation case, predicted as a
+    user would (Predictor: resampling, tiling, back to the source grid)."""
+    if not val_cases:
+        return float("nan"), {}
+    from medseg.engine.evaluate import evaluate_cases
+    from medseg.inference.predictor import Predictor, build_member
+
+    predictor = Predictor([build_member(cfg, state) for state in members.values()], cfg,
+                          device="cuda" if cfg.train.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+    result = evaluate_cases(predictor, val_cases, cfg, hd95=False)
+    return result.mean_dice, {name: mean for name, (mean, _) in result.summary.items()}
+
+
+def _record_result(out_dir: Path, shipped: float, best: float, trainer: L.Trainer, seconds: float,
+                   left_out: list[str]) -> None:
+    path = out_dir / "run_info.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info["result"] = {"val_dice_shipped": shipped, "val_dice_best_checkpoint": best, "epochs": trainer.current_epoch,
+                      "global_step": trainer.global_step, "seconds": round(seconds, 1), "left_out": left_out}
+    guard = next((c for c in trainer.callbacks if isinstance(c, BudgetGuard)), None)
+    if guard is not None:
+        info["budget"] = guard.state_dict()
+    path.write_text(json.dumps(info, indent=1, default=str))

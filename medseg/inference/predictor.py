@@ -21,13 +21,14 @@ import torch
 
 from medseg.bundle import Bundle, load_bundle
 from medseg.config import ExperimentConfig
-from medseg.data.preprocess import normalize_intensity, prepare_image
+from medseg.data.preprocess import model_input, prepare_scan
 from medseg.inference.optimize import fold_batchnorm
 from medseg.inference.postprocess import measure, postprocess_mask
 from medseg.inference.tiling import ModelFn, slice_batches
 from medseg.inference.tta import View, build_views, predict_probs_tta
 from medseg.io import Geometry, Scan
 from medseg.models import build_model
+from medseg.transforms.resample import from_model_grid
 
 log = logging.getLogger("medseg")
 
@@ -141,22 +142,23 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------ images
 
-    def prepare(self, scan: Scan) -> torch.Tensor:
-        """Scan -> ``(C, H, W)`` or ``(C, Z, Y, X)`` float32 in [0, 1] (as in training, `prepare_image`).
+    def prepare(self, scan: Scan) -> tuple[torch.Tensor, Geometry]:
+        """Scan -> (network input ``(C, H, W)`` or ``(C, Z, Y, X)`` float32 in [0, 1] on the model grid, the
+        geometry with the operations that led there) — exactly as in training (`prepare_scan`, `model_input`).
 
         A single-channel volume for a multi-channel net is normalised once and *broadcast* to the channels
-        (a view, not a copy): for a 512×512×300 CT that saves 2 of 3 GB of float32. Intensities equal
-        `prepare_image`'s except that the 0.5/99.5 percentiles are interpolated between the same neighbouring
-        values of the one channel instead of its copies (differences are a fraction of one grey level).
+        (a view, not a copy): for a 512×512×300 CT that saves 2 of 3 GB of float32.
         """
         data = self.cfg.data
-        if scan.is_volume and scan.channels == 1 and data.channels > 1:
-            norm = normalize_intensity(scan.channels_first(), data.intensity, data.ct_window)
-            return torch.from_numpy(np.ascontiguousarray(norm)).expand(data.channels, *norm.shape[1:])
-        image = prepare_image(scan, data)
-        if scan.is_volume and image.ndim != 4:
+        prepared = prepare_scan(scan, data)
+        if scan.is_volume and prepared.image.shape[0] == 1 and data.channels > 1:
+            one = model_input(prepared.image, data.model_copy(update={"channels": 1}), prepared.bounds, scan.source)
+            x = torch.from_numpy(np.ascontiguousarray(one)).expand(data.channels, *one.shape[1:])
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(prepared.model_input(data, scan.source), dtype=np.float32))
+        if scan.is_volume and x.ndim != 4:
             raise ValueError("volume preprocessing lost its depth axis")
-        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        return x, prepared.geometry
 
     @torch.inference_mode()
     def predict_image(
@@ -212,8 +214,16 @@ class Predictor:
         return probs.argmax(0).astype(np.uint8)
 
     def predict_scan(self, scan: Scan, progress: Progress | None = None) -> Prediction:
-        """Segment one scan. ``progress(fraction)`` is called after every model pass (0 < fraction <= 1)."""
-        probs, uncertainty = self.predict_image(self.prepare(scan), progress)
+        """Segment one scan. ``progress(fraction)`` is called after every model pass (0 < fraction <= 1).
+
+        The network sees the scan on the model grid (the plan's scale, slices along the planned axis); class
+        probabilities and uncertainty are brought back to the scan's own grid *before* argmax, so the mask is
+        exact on the input grid."""
+        x, grid = self.prepare(scan)
+        probs, uncertainty = self.predict_image(x, progress)
+        if grid.operations:
+            probs = from_model_grid(probs, grid)
+            uncertainty = np.clip(from_model_grid(uncertainty[None], grid)[0], 0.0, 1.0)
         mask = self._mask_in_slabs(probs)
         mask = postprocess_mask(mask, self.cfg.inference, self.num_classes)
         return Prediction(probs, mask, uncertainty, scan.geometry)

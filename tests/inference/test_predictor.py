@@ -64,8 +64,9 @@ def test_uncertainty_entropy_and_variance(make_bundle) -> None:
 def test_lean_volume_preprocessing_matches_training(make_bundle, hippo_image: Path) -> None:
     predictor = Predictor.from_bundle(make_bundle("p", {"a": 0}), device="cpu")
     scan = read_scan(hippo_image)
-    lean = predictor.prepare(scan)
+    lean, grid = predictor.prepare(scan)
     full = prepare_image(scan, predictor.cfg.data)
+    assert grid.operations == ()  # native grid: nothing to undo
     assert tuple(lean.shape) == full.shape and lean.shape[0] == 3
     assert lean.stride()[0] == 0  # the channels are a broadcast view, not three copies
     np.testing.assert_allclose(lean.numpy(), full, atol=2e-3)

@@ -29,7 +29,7 @@ def test_odd_size_517x389_gives_exactly_that_size() -> None:
     assert pred.geometry == scan.geometry
     # A pointwise model is unaffected by tiling: tiles, blending and mirror margins must land every pixel back
     # exactly where it came from.
-    x = Predictor([Pointwise()], cfg, device="cpu").prepare(scan)[None]
+    x = Predictor([Pointwise()], cfg, device="cpu").prepare(scan)[0][None]
     np.testing.assert_allclose(pred.probs, _softmax_plain(Pointwise(), x)[0].numpy(), atol=1e-5)
 
 
