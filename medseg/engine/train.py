@@ -35,6 +35,7 @@ from medseg.bundle import RESEARCH_NOTICE, save_bundle
 from medseg.config import ExperimentConfig, config_to_yaml
 from medseg.data import Case, discover_cases, load_or_make_splits, read_datalist, train_val_ids
 from medseg.data.dataset import PatchDataset, WholeCaseDataset, build_case_cache, collate_single
+from medseg.engine.cached_features import attach_feature_cache
 from medseg.engine.callbacks import LearningCurves, SnapshotEnsemble, read_snapshots
 from medseg.engine.checkpointing import AtomicCheckpointIO, ResumableRandomState
 from medseg.engine.diagnose import Finding, diagnose_curves
@@ -323,6 +324,8 @@ def train(
     train_dl, val_dl = build_dataloaders(cfg, train_cases, val_cases, progress)
 
     module = SegModule(cfg)
+    if cfg.model.cache_encoder_features:  # the decoder trains on a frozen encoder's features, computed once per case
+        train_dl = attach_feature_cache(module, train_dl, cfg)
     # The RNG state (global and the augmentation's own) goes into every checkpoint: --resume then draws the
     # same patches as an uninterrupted run would.
     rng_state = ResumableRandomState(train_dl.dataset.augment, cfg.train.seed)
