@@ -8,15 +8,16 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from medseg.config import ExperimentConfig
+from medseg.config import AugmentConfig, ExperimentConfig
 from medseg.engine.schedules import build_schedule, params_in_steps, snapshot_steps
+from medseg.errors import ConfigError
 from medseg.inference.tiling import predict_logits_case
 from medseg.losses import build_loss
 from medseg.metrics import per_label_metrics
-from medseg.models import build_model
+from medseg.models import EncoderFeatureCache, build_model
 from medseg.models.transfer import apply_transfer_strategy, param_groups, unfreeze_for_epoch
+from medseg.transforms.augment_mix import mix_batch, mixed_loss
 
 
 class SegModule(L.LightningModule):
@@ -25,7 +26,14 @@ class SegModule(L.LightningModule):
         self.cfg = cfg
         self.model = model if model is not None else build_model(cfg.model, cfg.data.input_channels, cfg.data.num_classes)
         apply_transfer_strategy(self.model, cfg.model)
-        self.loss_fn = build_loss(cfg.loss)
+        self.loss_fn = build_loss(cfg.loss, cfg.model)  # wraps deep-supervision heads
+        _check_mixing(cfg.augment)
+        # Mixup/cutmix draw from their own generator, so switching them on leaves the sampler's shuffle and the
+        # patches as they were; its state travels in the checkpoint (on_save_checkpoint) for exact resume.
+        self.mix_generator = torch.Generator().manual_seed(cfg.train.seed)
+        # Set by `medseg.engine.cached_features.attach_feature_cache` (model.cache_encoder_features): batches
+        # that carry case keys and crop offsets then train the decoder on cached encoder features.
+        self.feature_cache: EncoderFeatureCache | None = None
         self._val_rows: list[dict[str, float]] = []
         self._epoch_loss_sum, self._epoch_samples = 0.0, 0
         # Base learning rate as an attribute: Lightning's LR finder (`medseg doctor`) reads and sets `lr`.
@@ -37,15 +45,37 @@ class SegModule(L.LightningModule):
         return self.model(x)
 
     # ------------------------------------------------------------------------------------------- train
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mix_generator"] = self.mix_generator.get_state()  # a uint8 tensor: weights_only loads it
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "mix_generator" in checkpoint:
+            self.mix_generator.set_state(checkpoint["mix_generator"])
+
+    def on_train_start(self) -> None:
+        # DDP: every rank seeded the same stream; ranks > 0 get their own (as ResumableRandomState does for the
+        # augmentation). A resumed DDP run is therefore exact on rank 0 only.
+        rank = self.trainer.global_rank
+        if rank > 0:
+            self.mix_generator.manual_seed(self.cfg.train.seed + 2 * rank + 7919 * self.current_epoch)
+
     def on_train_epoch_start(self) -> None:
         self._epoch_loss_sum, self._epoch_samples = 0.0, 0
         if self.cfg.model.transfer == "gradual_unfreeze":
             unfreeze_for_epoch(self.model, self.current_epoch, self.cfg.model.unfreeze_at_epochs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["image"])
-        loss = self.loss_fn(logits, batch["label"], batch.get("weight"))
-        bs = batch["image"].shape[0]
+        """``batch``: ``image (B, C, H, W)``, ``label (B, H, W)``, optional ``weight (B, H, W)``; or, with the
+        encoder feature cache attached, ``case``/``offset`` keys instead of the image (see `attach_feature_cache`)."""
+        bs = batch["label"].shape[0]
+        if self.feature_cache is not None and "offset" in batch:
+            logits = self.feature_cache(batch["case"].tolist(), batch["offset"].tolist(), tuple(batch["label"].shape[-2:]))
+            loss = self.loss_fn(logits, batch["label"], batch.get("weight"))
+        else:
+            a = self.cfg.augment
+            mixed = mix_batch(batch["image"], batch["label"], batch.get("weight"), a.mixup, a.cutmix,
+                              mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, generator=self.mix_generator)
+            loss = mixed_loss(self.loss_fn, self.model(mixed.image), mixed)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self._epoch_loss_sum += loss.detach() * bs  # a tensor: no GPU sync per step
         self._epoch_samples += bs
@@ -58,10 +88,19 @@ class SegModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- val
     def validation_step(self, case: dict, batch_idx: int) -> None:
+        """One whole case: ``image (C, H, W)`` or ``(C, Z, Y, X)``, ``label``, optional ``weight`` (same
+        spatial shape). ``val_loss`` is the training loss (``loss_fn``, with the weight map when the case has
+        one) on the un-augmented case, so the curves compare like with like; a volume's slices are its batch,
+        as in training."""
         logits = predict_logits_case(self.model, case["image"].to(self.device), self.cfg.data.context_slices, self.cfg.inference)
         logits = logits.to(self.device)
         label = case["label"].to(self.device)
-        loss = F.cross_entropy(logits[None], label[None])
+        weight = case.get("weight")
+        weight = None if weight is None else weight.to(self.device)
+        if logits.ndim == 4:  # (K, Z, Y, X): slices as the batch
+            loss = self.loss_fn(logits.transpose(0, 1), label, weight)
+        else:
+            loss = self.loss_fn(logits[None], label[None], None if weight is None else weight[None])
         pred = logits.argmax(0).cpu().numpy()
         metrics = per_label_metrics(pred, label.cpu().numpy(), self.cfg.data.num_classes, hd95=False)
         row = {"val_loss": float(loss), **{f"dice_{k}": m["dice"] for k, m in metrics.items()}}
@@ -101,3 +140,13 @@ class SegModule(L.LightningModule):
         self.snapshot_steps = snapshot_steps(t.schedule, total, warmup, **params)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _check_mixing(a: AugmentConfig) -> None:
+    """Mixing options that cannot work fail at start-up, not after the first epoch."""
+    if a.mixup < 0 or a.cutmix < 0 or a.mixup + a.cutmix > 1:
+        raise ConfigError(f"augment.mixup ({a.mixup}) and augment.cutmix ({a.cutmix}) are per-batch probabilities: "
+                          "each >= 0, together at most 1")
+    if a.mixup_alpha <= 0 or a.cutmix_alpha <= 0:
+        raise ConfigError(f"augment.mixup_alpha ({a.mixup_alpha}) and augment.cutmix_alpha ({a.cutmix_alpha}) "
+                          "are Beta(alpha, alpha) parameters: both must be > 0")
