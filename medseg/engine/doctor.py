@@ -263,6 +263,8 @@ def check_overfit(cfg: ExperimentConfig, model: torch.nn.Module, batches, report
     # batch_size=None: the loader hands out the fixed batches as they are, in order, every epoch.
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     losses = recorder.losses
+    if not losses:
+        return  # steps=0: nothing was trained, nothing to judge
     first, last = losses[0], losses[-1]
     moved = max(float((p.detach().cpu() - before[n].cpu()).abs().max()) for n, p in model.named_parameters() if n in before)
     if not math.isfinite(last) or last > 1.5 * first + 1e-6 or (len(losses) > 4 and max(losses) > 10 * first):

@@ -91,7 +91,8 @@ class SegModule(L.LightningModule):
         """One whole case: ``image (C, H, W)`` or ``(C, Z, Y, X)``, ``label``, optional ``weight`` (same
         spatial shape). ``val_loss`` is the training loss (``loss_fn``, with the weight map when the case has
         one) on the un-augmented case, so the curves compare like with like; a volume's slices are its batch,
-        as in training."""
+        as in training. With deep supervision the training loss averages the heads while validation scores the
+        inference head (``model.inference_head``), the one the bundle predicts with."""
         logits = predict_logits_case(self.model, case["image"].to(self.device), self.cfg.data.context_slices, self.cfg.inference)
         logits = logits.to(self.device)
         label = case["label"].to(self.device)

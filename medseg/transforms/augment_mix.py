@@ -120,7 +120,9 @@ def mix_batch(
     return MixedBatch(image, target, weight)
 
 
-def mixed_loss(loss: Callable[..., torch.Tensor], logits, batch: MixedBatch) -> torch.Tensor:
+def mixed_loss(
+    loss: Callable[..., torch.Tensor], logits: torch.Tensor | list[torch.Tensor], batch: MixedBatch
+) -> torch.Tensor:
     """``lam·loss(logits, target, weight) + (1 - lam)·loss(logits, target_b, weight_b)``. ``logits`` may be a
     list of deep-supervision heads: ``loss`` (a `DeepSupervisionLoss`) then mixes per head."""
     value = loss(logits, batch.target, batch.weight)
