@@ -92,31 +92,49 @@ def _preset_light(spec: PresetSpec) -> tuple[list, list, tuple[float, float]]:
     return geometric, photometric, (0.9, 1.1)
 
 
+@dataclass(frozen=True)
+class _Strength:
+    """How often and how hard the full presets (default, heavy) transform: they differ only in these numbers."""
+
+    affine_p: float
+    rotate: float  # degrees
+    shear: float  # degrees
+    warp_p: float
+    warp: float
+    brightness_contrast: float
+    brightness_contrast_p: float
+    gamma: tuple[int, int]  # percent
+    gamma_p: float
+    noise_std: tuple[float, float]
+    blur_sigma: tuple[float, float]
+    noise_or_blur_p: float
+    colour_p: float
+    colour: float
+    zoom: tuple[float, float]
+
+
+_DEFAULT = _Strength(0.5, 45, 10, 0.3, 1.0, 0.2, 0.5, (80, 125), 0.3, (0.01, 0.05), (0.3, 1.0), 0.2, 0.3, 1.0, (0.8, 1.25))
+_HEAVY = _Strength(0.7, 180, 15, 0.5, 1.5, 0.3, 0.7, (70, 150), 0.5, (0.02, 0.08), (0.3, 1.5), 0.4, 0.5, 2.0, (0.67, 1.5))
+
+
+def _full_preset(spec: PresetSpec, s: _Strength) -> tuple[list, list, tuple[float, float]]:
+    geometric = [*_flips(spec), _affine(spec, s.affine_p, s.rotate, s.shear), _warp(spec, s.warp_p, s.warp)]
+    photometric = [
+        A.RandomBrightnessContrast(brightness_limit=s.brightness_contrast, contrast_limit=s.brightness_contrast,
+                                   p=s.brightness_contrast_p),
+        A.RandomGamma(gamma_limit=s.gamma, p=s.gamma_p),
+        A.OneOf([A.GaussNoise(std_range=s.noise_std, p=1.0), A.GaussianBlur(sigma_limit=s.blur_sigma, p=1.0)],
+                p=s.noise_or_blur_p),
+        *_colour(spec, s.colour_p, s.colour),
+    ]
+    return geometric, photometric, s.zoom
+
+
 @AUGMENTATIONS.register("default")
 def _preset_default(spec: PresetSpec) -> tuple[list, list, tuple[float, float]]:
-    geometric = [*_flips(spec), _affine(spec, p=0.5, rotate=45, shear=10), _warp(spec, p=0.3, strength=1.0)]
-    photometric = [
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-        A.RandomGamma(gamma_limit=(80, 125), p=0.3),
-        A.OneOf(
-            [A.GaussNoise(std_range=(0.01, 0.05), p=1.0), A.GaussianBlur(sigma_limit=(0.3, 1.0), p=1.0)],
-            p=0.2,
-        ),
-        *_colour(spec, p=0.3, strength=1.0),
-    ]
-    return geometric, photometric, (0.8, 1.25)
+    return _full_preset(spec, _DEFAULT)
 
 
 @AUGMENTATIONS.register("heavy")
 def _preset_heavy(spec: PresetSpec) -> tuple[list, list, tuple[float, float]]:
-    geometric = [*_flips(spec), _affine(spec, p=0.7, rotate=180, shear=15), _warp(spec, p=0.5, strength=1.5)]
-    photometric = [
-        A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.7),
-        A.RandomGamma(gamma_limit=(70, 150), p=0.5),
-        A.OneOf(
-            [A.GaussNoise(std_range=(0.02, 0.08), p=1.0), A.GaussianBlur(sigma_limit=(0.3, 1.5), p=1.0)],
-            p=0.4,
-        ),
-        *_colour(spec, p=0.5, strength=2.0),
-    ]
-    return geometric, photometric, (0.67, 1.5)
+    return _full_preset(spec, _HEAVY)
