@@ -208,7 +208,7 @@ def test_learning_rates_of_every_parameter_group_are_recorded_and_plotted(tiny_c
     figures = []
     real_subplots = plt.subplots
     monkeypatch.setattr(plt, "subplots", lambda *a, **k: figures.append(real_subplots(*a, **k)) or figures[-1])
-    train(tiny_cfg("train.epochs=2", "model.encoder_lr_mult=0.1"), tmp_path, progress=False)
+    train(tiny_cfg("train.epochs=1", "model.encoder_lr_mult=0.1"), tmp_path, progress=False)
     rows = _rows(tmp_path)
     assert {"lr_encoder", "lr_decoder"} <= rows[0].keys() and "lr" not in rows[0]
     for r in rows:
