@@ -260,6 +260,18 @@ def context_indices(z: int, k: int, depth: int) -> np.ndarray:
     return np.clip(np.arange(z - k, z + k + 1), 0, depth - 1)
 
 
+def case_input(d: dict[str, Any], data: Any, z: int = -1, k: int = 0,
+               window: tuple[slice, slice] = (slice(None), slice(None))) -> np.ndarray:
+    """Network input ``(C, h, w)`` float32 of a cached case (``z < 0``) or of slice ``z`` with ``k`` neighbours on
+    each side stacked slice-major (2.5D), cut to ``window`` (y, x) first: only the window is converted."""
+    bounds = None if d.get("bounds") is None else tuple(float(v) for v in d["bounds"])
+    if z < 0:
+        return model_input(d["image"][(slice(None), *window)], data, bounds, d["id"])
+    idx = context_indices(z, k, d["image"].shape[1])
+    m = model_input(d["image"][(slice(None), idx, *window)], data, bounds, d["id"])  # (channels, 2k+1, h, w)
+    return m.transpose(1, 0, 2, 3).reshape(-1, *m.shape[2:])
+
+
 def _window(center: int, size: int, extent: int) -> tuple[int, int]:
     """[start, stop) of a window of ``size`` around ``center`` inside [0, extent) (the whole axis if smaller)."""
     if size >= extent:
@@ -357,19 +369,11 @@ class PatchDataset(torch.utils.data.Dataset):
         y0, y1 = _window(cy, self.region[0], h)
         x0, x1 = _window(cx, self.region[1], w)
         weight = d.get("weight")
-        bounds = None if d.get("bounds") is None else tuple(float(v) for v in d["bounds"])
-        if z < 0:
-            raw = d["image"][:, y0:y1, x0:x1]
-            image = model_input(raw, self.data, bounds, d["id"])
-            label = label_full[y0:y1, x0:x1]
-            weight = weight[y0:y1, x0:x1] if weight is not None else None
-        else:
-            idx = context_indices(z, self.k, label_full.shape[0])
-            raw = d["image"][:, idx, y0:y1, x0:x1]  # (C_src, 2k+1, h, w)
-            m = model_input(raw, self.data, bounds, d["id"])  # (channels, 2k+1, h, w)
-            image = m.transpose(1, 0, 2, 3).reshape(-1, *m.shape[2:])  # slice-major, as in inference
-            label = label_full[z, y0:y1, x0:x1]
-            weight = weight[z, y0:y1, x0:x1] if weight is not None else None
+        window = (slice(y0, y1), slice(x0, x1))
+        image = case_input(d, self.data, z, self.k, window)
+        label = label_full[window] if z < 0 else label_full[(z, *window)]
+        if weight is not None:
+            weight = weight[window] if z < 0 else weight[(z, *window)]
         out = self.augment(
             np.ascontiguousarray(np.moveaxis(image, 0, -1)), np.ascontiguousarray(label),
             None if weight is None else np.ascontiguousarray(weight),

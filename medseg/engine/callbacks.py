@@ -19,7 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 class LearningCurves(L.Callback):
     """At the end of every validation: append the epoch's numbers to ``metrics.csv`` and redraw
-    ``progress.png`` (train/val loss, val Dice, learning rate).
+    ``progress.png`` (train/val loss, val Dice, learning rates).
+
+    The learning rate is recorded per parameter group as ``lr_<group>`` (``lr_encoder``, ``lr_decoder``: they
+    differ with ``model.encoder_lr_mult``; a group's no-decay twin shares its rate), at the end of the epoch.
 
     The row is written before the epoch's checkpoint (Lightning runs checkpoint callbacks last) and the rows
     travel in the checkpoint, so a run killed between the two loses nothing: the resumed run rewrites
@@ -27,7 +30,7 @@ class LearningCurves(L.Callback):
     the epoch.
     """
 
-    FIELDS = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
+    FIELDS = ("epoch", "train_loss", "val_loss", "val_dice")  # then one lr_<group> column per parameter group
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
@@ -69,7 +72,7 @@ class LearningCurves(L.Callback):
             "train_loss": train_loss,
             "val_loss": float(m.get("val_loss", math.nan)),
             "val_dice": float(m.get("val_dice", math.nan)),
-            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan,
+            **(group_learning_rates(trainer.optimizers[0]) if trainer.optimizers else {}),
         }
         self.rows = [r for r in self.rows if r["epoch"] != epoch] + [row]
         if trainer.is_global_zero:
@@ -78,12 +81,29 @@ class LearningCurves(L.Callback):
     def _write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / ".metrics.csv.tmp"
+        extra = sorted({k for r in self.rows for k in r} - set(self.FIELDS))
         with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.FIELDS)
+            w = csv.DictWriter(f, fieldnames=[*self.FIELDS, *extra], restval=math.nan)
             w.writeheader()
             w.writerows(self.rows)
         os.replace(tmp, self.out_dir / "metrics.csv")
         plot_learning_curves(self.rows, self.out_dir / "progress.png")
+
+
+def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``{"lr_encoder": ..., "lr_decoder": ...}``: the current rate of each named parameter group
+    (`medseg.models.transfer.param_groups`; ``<name>_no_decay`` counts as ``<name>``), ``lr_group<i>`` for
+    unnamed groups."""
+    rates: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        name = str(group.get("name", f"group{i}")).removesuffix("_no_decay")
+        rates.setdefault(f"lr_{name}", float(group["lr"]))
+    return rates
+
+
+def learning_rate_columns(rows: list[dict[str, float]]) -> list[str]:
+    """The learning-rate columns of metrics.csv rows (``lr_<group>``; ``lr`` in runs from before the split)."""
+    return sorted({k for r in rows for k in r if k == "lr" or k.startswith("lr_")})
 
 
 class SnapshotEnsemble(L.Callback):
@@ -127,9 +147,11 @@ def plot_learning_curves(rows: list[dict[str, float]], path: Path) -> None:
     axes[1].plot(epochs, [r["val_dice"] for r in rows], "o-", color="tab:green")
     axes[1].set_title("val Dice (foreground mean)")
     axes[1].set_ylim(0, 1)
-    axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:purple")
-    axes[2].set_title("learning rate (end of epoch)")
+    for column in learning_rate_columns(rows):
+        axes[2].plot(epochs, [r.get(column, math.nan) for r in rows], "o-", label=column.removeprefix("lr_"))
+    axes[2].set_title("learning rate per parameter group (end of epoch)")
     axes[2].set_yscale("log")
+    axes[2].legend()
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -1,6 +1,7 @@
 """Read learning curves like an experienced practitioner: name the likely problem and what to try.
 
-Input rows are the per-epoch records written to metrics.csv (epoch, train_loss, val_loss, val_dice, lr).
+Input rows are the per-epoch records written to metrics.csv (epoch, train_loss, val_loss, val_dice, and the
+learning rate of each parameter group, ``lr_<group>``; the highest is the schedule's peak rate).
 Heuristics, deliberately simple and explainable; each finding says what it saw.
 """
 
@@ -23,6 +24,16 @@ def _finite(values: list[float]) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
+def _largest_rise(loss: np.ndarray) -> float:
+    """The largest epoch-to-epoch increase as a share of the level it rose from (0 for a curve that only falls).
+    Noise is a loss that goes *up*: the spread of the steps alone would call a fast, steady fall noisy
+    (0.65 → 0.24 → 0.17 → 0.15 has steps as spread out as their mean)."""
+    finite = _finite(loss)
+    if len(finite) < 2:
+        return 0.0
+    return float(np.max(np.diff(finite) / np.maximum(np.abs(finite[:-1]), 1e-8)))
+
+
 def diagnose_curves(rows: list[dict[str, float]], good_dice: float = 0.7) -> list[Finding]:
     """Findings for per-epoch ``rows`` (metrics.csv): ``lr_too_high``, ``overfitting``, ``underfitting``,
     ``not_converged``, ``decay_too_early`` (each with what to try), ``too_short`` for fewer than 3 epochs,
@@ -32,12 +43,13 @@ def diagnose_curves(rows: list[dict[str, float]], good_dice: float = 0.7) -> lis
     train = np.array([r["train_loss"] for r in rows], dtype=float)
     val = np.array([r["val_loss"] for r in rows], dtype=float)
     dice = np.array([r["val_dice"] for r in rows], dtype=float)
-    lr = np.array([r.get("lr", math.nan) for r in rows], dtype=float)
+    lr = np.array([max((float(v) for k, v in r.items() if k == "lr" or k.startswith("lr_")), default=math.nan)
+                   for r in rows], dtype=float)
     n = len(rows)
     third = max(1, n // 3)
     out: list[Finding] = []
 
-    if not np.all(np.isfinite(train)) or train[-1] > 1.5 * train[0] or np.std(np.diff(_finite(train))) > 0.5 * np.mean(_finite(train)):
+    if not np.all(np.isfinite(train)) or train[-1] > 1.5 * train[0] or _largest_rise(train) > 0.5:
         out.append(Finding("lr_too_high", "training loss is noisy or diverging (NaN, rising, or jumping by more than half its level): lower the learning rate (e.g. ÷3–10) or add warmup/gradient clipping"))
 
     best_val_epoch = int(np.nanargmin(val)) if np.isfinite(val).any() else n - 1

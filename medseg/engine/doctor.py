@@ -4,7 +4,8 @@
    masks; intensity ranges and constant images; sizes and spacings, with outliers.
 2. **Initial loss**: cross-entropy of the untrained model against its value at chance, ``ln C``.
 3. **Overfit a tiny subset**: a few fixed batches, no augmentation or weight decay, the configured optimiser
-   and learning rate: a sound setup memorises them (Dice near 1). Divergence means the learning rate is too
+   and learning rate (constant), trained by the real ``SegModule.training_step`` in a Lightning Trainer with
+   ``overfit_batches``: a sound setup memorises them (Dice near 1). Divergence means the learning rate is too
    high; unchanged weights mean everything is frozen (or the rate is 0).
 4. **LR range test**: Lightning's LR finder (``Tuner.lr_find``) — loss against an exponentially growing
    rate, a plot ``OUT/lr_find.png`` and a suggested rate compared with ``train.lr``.
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -187,20 +189,6 @@ def _fixed_batches(cfg: ExperimentConfig, cases: list[Case], n_batches: int) -> 
     return list(dl)
 
 
-def _optimizer(cfg: ExperimentConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    from medseg.models.transfer import param_groups
-
-    t = cfg.train
-    groups = param_groups(model, lr, 0.0, cfg.model.encoder_lr_mult, t.no_decay_on_bias_norm)  # no regularisation
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov)
-    return (torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW)(groups, lr=lr)
-
-
-def _loss(loss_fn, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return loss_fn(logits, batch["label"].long(), batch.get("weight"))
-
-
 def _main_logits(out) -> torch.Tensor:
     return out[0] if isinstance(out, list | tuple) else out
 
@@ -214,7 +202,8 @@ def check_initial_loss(cfg: ExperimentConfig, model: torch.nn.Module, batches, r
         out = model(batches[0]["image"])
         logits = _main_logits(out)
         ce = float(F.cross_entropy(logits, batches[0]["label"].long()))
-        configured = float(_loss(build_loss(cfg.loss), out, batches[0]))
+        # The training loss as SegModule builds it (over every deep-supervision head, with the weight map).
+        configured = float(build_loss(cfg.loss, cfg.model)(out, batches[0]["label"].long(), batches[0].get("weight")))
     chance = math.log(cfg.data.num_classes)
     if not math.isfinite(ce) or not math.isfinite(configured):
         report.add("nan_loss", "error", f"the loss of the untrained model is not finite (cross-entropy {ce}, {cfg.loss.name} {configured}): "
@@ -227,10 +216,34 @@ def check_initial_loss(cfg: ExperimentConfig, model: torch.nn.Module, batches, r
                    f"({cfg.loss.name}: {configured:.3f})")
 
 
+def _memorise_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The run's config for memorising fixed batches: no regularisation (weight decay, mixup/cutmix) and the
+    configured rate from the first step (constant schedule, no warmup), so divergence means the rate."""
+    return cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
+                                              "schedule_params": {}, "snapshots": False, "swa": False}),
+        "augment": cfg.augment.model_copy(update={"mixup": 0.0, "cutmix": 0.0}),
+    })
+
+
+class _StepLosses(L.Callback):
+    """The training loss of every step; stops the run at the first non-finite one."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        loss = float(outputs["loss"])
+        self.losses.append(loss if math.isfinite(loss) else float("nan"))
+        if not math.isfinite(loss):
+            trainer.should_stop = True
+
+
 def check_overfit(cfg: ExperimentConfig, model: torch.nn.Module, batches, report: DoctorReport, steps: int,
-                  target_dice: float = 0.9) -> None:
-    """Train on the fixed batches only; a sound setup memorises them."""
-    from medseg.losses import build_loss
+                  target_dice: float = 0.9, out_dir: Path | None = None) -> None:
+    """Train on the fixed batches only, with the real ``SegModule.training_step`` and its optimiser through a
+    Lightning Trainer (``overfit_batches``): a sound setup memorises them."""
+    from medseg.engine.module import SegModule
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters())
@@ -238,44 +251,44 @@ def check_overfit(cfg: ExperimentConfig, model: torch.nn.Module, batches, report
         report.add("frozen", "error", f"no parameter is trainable (all {n_params:,} are frozen): nothing can learn — "
                    "unfreeze the model (model.transfer: full, or fewer model.freeze_stages)")
         return
-    loss_fn = build_loss(cfg.loss)
-    opt = _optimizer(cfg, model, cfg.train.lr)
-    before = [p.detach().clone() for p in trainable]
-    losses = []
-    model.train()
-    for step in range(steps):
-        batch = batches[step % len(batches)]
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(loss_fn, model(batch["image"]), batch)
-        if not torch.isfinite(loss):
-            losses.append(float("nan"))
-            break
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    module = SegModule(_memorise_config(cfg), model=model)
+    model.train()  # Lightning keeps the modes it finds (frozen BatchNorm stays in eval: SegmentationNet.train)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    recorder = _StepLosses()
+    trainer = L.Trainer(
+        default_root_dir=out_dir, max_steps=steps, overfit_batches=len(batches), accelerator=cfg.train.accelerator,
+        devices=1, precision=cfg.train.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[recorder],
+    )
+    # batch_size=None: the loader hands out the fixed batches as they are, in order, every epoch.
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    losses = recorder.losses
+    if not losses:
+        return  # steps=0: nothing was trained, nothing to judge
     first, last = losses[0], losses[-1]
-    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(trainable, before, strict=True))
+    moved = max(float((p.detach().cpu() - before[n].cpu()).abs().max()) for n, p in model.named_parameters() if n in before)
     if not math.isfinite(last) or last > 1.5 * first + 1e-6 or (len(losses) > 4 and max(losses) > 10 * first):
         report.add("lr_too_high", "error", f"training on {len(batches)} fixed batch(es) diverged at train.lr={cfg.train.lr:g} "
                    f"(loss {first:.3f} → {last:.3g} after {len(losses)} steps): lower the learning rate (see the LR range test), "
                    "add warmup or gradient clipping")
         return
     if moved == 0.0:
-        report.add("frozen", "error", f"no weight changed in {steps} optimiser steps: the learning rate is 0 "
+        report.add("frozen", "error", f"no weight changed in {len(losses)} optimiser steps: the learning rate is 0 "
                    f"(train.lr={cfg.train.lr:g}, model.encoder_lr_mult={cfg.model.encoder_lr_mult:g}) or every trainable part is frozen")
         return
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
         dice = np.mean([
-            mean_foreground_dice(per_label_metrics(_main_logits(model(b["image"])).argmax(1)[i], b["label"][i], cfg.data.num_classes, hd95=False))
+            mean_foreground_dice(per_label_metrics(model(b["image"].to(device)).argmax(1)[i].cpu(), b["label"][i], cfg.data.num_classes, hd95=False))
             for b in batches for i in range(len(b["label"]))
         ])
     share = sum(p.numel() for p in trainable) / n_params
     frozen_note = f" ({100 * (1 - share):.0f}% of the weights frozen)" if share < 1 else ""
     if dice >= target_dice:
-        report.add("overfit_ok", "ok", f"memorised {len(batches)} fixed batch(es) in {steps} steps: Dice {dice:.3f}, loss {first:.3f} → {last:.3f}{frozen_note}")
+        report.add("overfit_ok", "ok", f"memorised {len(batches)} fixed batch(es) in {len(losses)} steps: Dice {dice:.3f}, loss {first:.3f} → {last:.3f}{frozen_note}")
     else:
-        report.add("cannot_overfit", "warning", f"after {steps} steps on {len(batches)} fixed batch(es) Dice is only {dice:.3f} "
+        report.add("cannot_overfit", "warning", f"after {len(losses)} steps on {len(batches)} fixed batch(es) Dice is only {dice:.3f} "
                    f"(loss {first:.3f} → {last:.3f}){frozen_note}: a setup that cannot memorise a few patches will not learn the dataset — "
                    "check labels against images, the loss, the learning rate, frozen layers; or run more doctor steps")
 
@@ -283,7 +296,6 @@ def check_overfit(cfg: ExperimentConfig, model: torch.nn.Module, batches, report
 def lr_range_test(cfg: ExperimentConfig, model: torch.nn.Module, cases: list[Case], out_dir: Path, report: DoctorReport,
                   steps: int) -> None:
     """Lightning's LR finder over the configured training patches; plot and suggestion."""
-    import lightning as L
     from lightning.pytorch.tuner import Tuner
 
     from medseg.engine.module import SegModule
@@ -292,6 +304,7 @@ def lr_range_test(cfg: ExperimentConfig, model: torch.nn.Module, cases: list[Cas
     run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"samples_per_epoch": cfg.train.batch_size * (steps + 1)})})
     train_dl, _ = build_dataloaders(run_cfg, cases, cases[:1])
     module = SegModule(run_cfg, model=model)
+    model.train()  # the overfit check left it in eval mode; Lightning keeps the modes it finds
     trainer = L.Trainer(default_root_dir=out_dir, max_epochs=1, accelerator=cfg.train.accelerator, devices=1,
                         precision=cfg.train.precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -409,7 +422,7 @@ def run_doctor(
     check_initial_loss(cfg, model, batches, report)
     if report.has_errors:
         return report
-    check_overfit(cfg, model, batches, report, overfit_steps)
+    check_overfit(cfg, model, batches, report, overfit_steps, out_dir=out_dir)
     if lr_find and not {"frozen"} & report.codes:
         model.load_state_dict(initial_state)  # the range test starts from the untrained weights
         lr_range_test(cfg, model, cases[:32], out_dir, report, lr_find_steps)  # patches of a few cases suffice

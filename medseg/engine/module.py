@@ -8,16 +8,17 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from medseg.config import ExperimentConfig
+from medseg.config import AugmentConfig, ExperimentConfig
 from medseg.engine.budget import ScheduleClock
 from medseg.engine.schedules import build_schedule, params_in_steps, snapshot_steps
+from medseg.errors import ConfigError
 from medseg.inference.tiling import predict_logits_case
 from medseg.losses import build_loss
 from medseg.metrics import per_label_metrics
-from medseg.models import build_model
+from medseg.models import EncoderFeatureCache, build_model
 from medseg.models.transfer import apply_transfer_strategy, param_groups, unfreeze_for_epoch
+from medseg.transforms.augment_mix import mix_batch, mixed_loss
 
 
 class SegModule(L.LightningModule):
@@ -29,7 +30,14 @@ class SegModule(L.LightningModule):
         self.cfg = cfg
         self.model = model if model is not None else build_model(cfg.model, cfg.data.input_channels, cfg.data.num_classes)
         apply_transfer_strategy(self.model, cfg.model)
-        self.loss_fn = build_loss(cfg.loss)
+        self.loss_fn = build_loss(cfg.loss, cfg.model)  # wraps deep-supervision heads
+        _check_mixing(cfg.augment)
+        # Mixup/cutmix draw from their own generator, so switching them on leaves the sampler's shuffle and the
+        # patches as they were; its state travels in the checkpoint (on_save_checkpoint) for exact resume.
+        self.mix_generator = torch.Generator().manual_seed(cfg.train.seed)
+        # Set by `medseg.engine.cached_features.attach_feature_cache` (model.cache_encoder_features): batches
+        # that carry case keys and crop offsets then train the decoder on cached encoder features.
+        self.feature_cache: EncoderFeatureCache | None = None
         self._val_rows: list[dict[str, float]] = []
         self._epoch_loss_sum, self._epoch_samples = 0.0, 0
         # Base learning rate as an attribute: Lightning's LR finder (`medseg doctor`) reads and sets `lr`.
@@ -45,15 +53,43 @@ class SegModule(L.LightningModule):
         return self.model(x)
 
     # ------------------------------------------------------------------------------------------- train
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mix_generator"] = self.mix_generator.get_state()  # a uint8 tensor: weights_only loads it
+        if self.schedule_clock is not None:  # a budgeted run's re-plans: resume follows the same schedule
+            checkpoint["schedule_clock"] = self.schedule_clock.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "mix_generator" in checkpoint:
+            self.mix_generator.set_state(checkpoint["mix_generator"])
+        if "schedule_clock" in checkpoint:
+            self.schedule_clock = ScheduleClock(1)
+            self.schedule_clock.load_state_dict(checkpoint["schedule_clock"])
+
+    def on_train_start(self) -> None:
+        # DDP: every rank seeded the same stream; ranks > 0 get their own (as ResumableRandomState does for the
+        # augmentation). A resumed DDP run is therefore exact on rank 0 only.
+        rank = self.trainer.global_rank
+        if rank > 0:
+            self.mix_generator.manual_seed(self.cfg.train.seed + 2 * rank + 7919 * self.current_epoch)
+
     def on_train_epoch_start(self) -> None:
         self._epoch_loss_sum, self._epoch_samples = 0.0, 0
         if self.cfg.model.transfer == "gradual_unfreeze":
             unfreeze_for_epoch(self.model, self.current_epoch, self.cfg.model.unfreeze_at_epochs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["image"])
-        loss = self.loss_fn(logits, batch["label"].long(), batch.get("weight"))  # labels travel as uint8
-        bs = batch["image"].shape[0]
+        """``batch``: ``image (B, C, H, W)``, ``label (B, H, W)``, optional ``weight (B, H, W)``; or, with the
+        encoder feature cache attached, ``case``/``offset`` keys instead of the image (see `attach_feature_cache`)."""
+        label = batch["label"].long()  # labels travel as uint8 until the loss
+        bs = label.shape[0]
+        if self.feature_cache is not None and "offset" in batch:
+            logits = self.feature_cache(batch["case"].tolist(), batch["offset"].tolist(), tuple(label.shape[-2:]))
+            loss = self.loss_fn(logits, label, batch.get("weight"))
+        else:
+            a = self.cfg.augment
+            mixed = mix_batch(batch["image"], label, batch.get("weight"), a.mixup, a.cutmix,
+                              mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, generator=self.mix_generator)
+            loss = mixed_loss(self.loss_fn, self.model(mixed.image), mixed)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self._epoch_loss_sum += loss.detach() * bs  # a tensor: no GPU sync per step
         self._epoch_samples += bs
@@ -66,10 +102,20 @@ class SegModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- val
     def validation_step(self, case: dict, batch_idx: int) -> None:
+        """One whole case: ``image (C, H, W)`` or ``(C, Z, Y, X)``, ``label``, optional ``weight`` (same
+        spatial shape). ``val_loss`` is the training loss (``loss_fn``, with the weight map when the case has
+        one) on the un-augmented case, so the curves compare like with like; a volume's slices are its batch,
+        as in training. With deep supervision the training loss averages the heads while validation scores the
+        inference head (``model.inference_head``), the one the bundle predicts with."""
         logits = predict_logits_case(self.model, case["image"].to(self.device), self.cfg.data.context_slices, self.cfg.inference)
         logits = logits.to(self.device)
         label = case["label"].to(self.device).long()
-        loss = F.cross_entropy(logits[None], label[None])
+        weight = case.get("weight")
+        weight = None if weight is None else weight.to(self.device)
+        if logits.ndim == 4:  # (K, Z, Y, X): slices as the batch
+            loss = self.loss_fn(logits.transpose(0, 1), label, weight)
+        else:
+            loss = self.loss_fn(logits[None], label[None], None if weight is None else weight[None])
         pred = logits.argmax(0).cpu().numpy()
         metrics = per_label_metrics(pred, label.cpu().numpy(), self.cfg.data.num_classes, hd95=False)
         row = {"val_loss": float(loss), **{f"dice_{k}": m["dice"] for k, m in metrics.items()}}
@@ -124,11 +170,12 @@ class SegModule(L.LightningModule):
         real = (self.schedule_clock.real(v) for v in self._nominal_snapshots)
         self.snapshot_steps = sorted({s for s in real if s is not None})
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.schedule_clock is not None:
-            checkpoint["schedule_clock"] = self.schedule_clock.state_dict()
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "schedule_clock" in checkpoint:
-            self.schedule_clock = ScheduleClock(1)
-            self.schedule_clock.load_state_dict(checkpoint["schedule_clock"])
+def _check_mixing(a: AugmentConfig) -> None:
+    """Mixing options that cannot work fail at start-up, not after the first epoch."""
+    if a.mixup < 0 or a.cutmix < 0 or a.mixup + a.cutmix > 1:
+        raise ConfigError(f"augment.mixup ({a.mixup}) and augment.cutmix ({a.cutmix}) are per-batch probabilities: "
+                          "each >= 0, together at most 1")
+    if a.mixup_alpha <= 0 or a.cutmix_alpha <= 0:
+        raise ConfigError(f"augment.mixup_alpha ({a.mixup_alpha}) and augment.cutmix_alpha ({a.cutmix_alpha}) "
+                          "are Beta(alpha, alpha) parameters: both must be > 0")

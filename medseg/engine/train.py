@@ -43,6 +43,7 @@ from medseg.data.dataset import (
     collate_single,
 )
 from medseg.engine.budget import BudgetGuard, initial_epoch_steps, monotonic
+from medseg.engine.cached_features import attach_feature_cache
 from medseg.engine.callbacks import LearningCurves, SnapshotEnsemble, read_snapshots
 from medseg.engine.checkpointing import AtomicCheckpointIO, ResumableRandomState
 from medseg.engine.diagnose import Finding, diagnose_curves
@@ -397,8 +398,11 @@ def train(
     log.info("training on %d cases, validating on %d", len(setup.train_cases), len(setup.val_cases))
     train_dl, val_dl = build_dataloaders(cfg, setup.train_cases, setup.val_cases, progress, cache_dir=out_dir / "cache")
 
+    module = SegModule(cfg)
+    if cfg.model.cache_encoder_features:  # the decoder trains on a frozen encoder's features, computed once per case
+        train_dl = attach_feature_cache(module, train_dl, cfg)
     guard = _budget_guard(cfg, train_dl, val_dl, len(setup.val_cases), start, clock, device)
-    module = SegModule(cfg, planned_steps=guard.state.epoch_steps if guard else None)
+    module.planned_steps = guard.state.epoch_steps if guard else None
     # The RNG state (global, the patch sampler's and the augmentation's own) goes into every checkpoint: --resume
     # then draws the same patches as an uninterrupted run would.
     rng_state = ResumableRandomState(train_dl.dataset, cfg.train.seed)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from medseg.config import LossConfig
+from medseg.config import LossConfig, ModelConfig
 from medseg.losses import functional as LF
 from medseg.registry import Registry
 
@@ -196,6 +196,14 @@ def build_dice_focal(cfg: LossConfig) -> nn.Module:
     return CombinedLoss([(cfg.dice_weight, _dice(cfg)), (cfg.ce_weight, _focal(cfg))])
 
 
-def build_loss(cfg: LossConfig) -> nn.Module:
-    """The ``LOSSES`` entry named ``cfg.name``; ``forward(logits, target, weight_map=None) -> scalar``."""
-    return LOSSES.build(cfg.name, cfg)
+def build_loss(cfg: LossConfig, model: ModelConfig | None = None) -> nn.Module:
+    """The ``LOSSES`` entry named ``cfg.name``; ``forward(logits, target, weight_map=None) -> scalar``.
+
+    When ``model.deep_supervision`` is on, the model returns a list of heads in training mode, so the loss is
+    wrapped in :class:`DeepSupervisionLoss` with ``model.deep_supervision_weights`` (each head gets the same
+    target and weight map); a single tensor (the inference head, in validation) still goes straight through.
+    """
+    loss = LOSSES.build(cfg.name, cfg)
+    if model is not None and model.deep_supervision:
+        return DeepSupervisionLoss(loss, model.deep_supervision_weights)
+    return loss

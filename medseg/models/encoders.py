@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import warnings
 from collections.abc import Sequence
 
 import segmentation_models_pytorch as smp
@@ -102,17 +101,6 @@ def input_normalisation(name: str, in_channels: int) -> tuple[tuple[float, ...],
     if in_channels == 1:
         return (sum(mean) / 3,), (sum(std) / 3,)
     return tuple(mean[i % 3] for i in range(in_channels)), tuple(std[i % 3] for i in range(in_channels))
-
-
-def build_encoder(name: str, in_channels: int, depth: int) -> nn.Module:
-    """An smp encoder with random weights (``weights=None``: nothing is ever downloaded here).
-
-    The ``timm-*`` names are deprecated upstream in favour of ``tu-*``, but our offline Lite weights target the
-    ``timm-tf_efficientnet_lite*`` layout, so smp's deprecation warning is silenced.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*encoders are deprecated.*")
-        return smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=None)
 
 
 def stem_conv_name(encoder: nn.Module, in_channels: int) -> str | None:

@@ -64,9 +64,9 @@ def _build_smp(cls: type[nn.Module], kwargs: dict) -> nn.Module:
 @MODELS.register("unet")
 def build_unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> UnetNet:
     """U-Net (smp ``Unet``) with any smp/timm encoder; no deep supervision."""
-    if cfg.deep_supervision or cfg.inference_head != "full":
+    if cfg.deep_supervision or cfg.inference_head != "full" or cfg.deep_supervision_weights is not None:
         raise ConfigError(
-            "model.deep_supervision / inference_head mean/pruned apply to arch unetplusplus only "
+            "model.deep_supervision(_weights) / inference_head mean/pruned apply to arch unetplusplus only "
             f"(got arch unet, deep_supervision={cfg.deep_supervision}, inference_head={cfg.inference_head})"
         )
     kwargs = _smp_kwargs(cfg, in_channels, num_classes)
@@ -89,7 +89,9 @@ def build_unetplusplus(cfg: ModelConfig, in_channels: int, num_classes: int) -> 
             f"model.pruned_depth must be in 1..{depth - 1} (nested nodes X(0,j)), got {cfg.pruned_depth}"
         )
     weights = cfg.deep_supervision_weights
-    if cfg.deep_supervision and weights is not None and len(weights) != depth:
+    if weights is not None and not cfg.deep_supervision:
+        raise ConfigError("model.deep_supervision_weights weigh the deep-supervision heads: set model.deep_supervision: true")
+    if weights is not None and len(weights) != depth:
         raise ConfigError(
             f"model.deep_supervision_weights needs {depth} entries (main output, then heads X(0,1..{depth - 1})), "
             f"got {len(weights)}"

@@ -1,8 +1,17 @@
-"""Each learning-curve finding on synthetic curves that show exactly that problem (and a healthy run)."""
+"""Each learning-curve finding: on the rows of a real run (a saved fixture), on the rows the issue reported, and
+on synthetic curves that show exactly one problem.
+
+The fixture ``fixtures/demo_nuclei_6_epochs_metrics.csv`` is the metrics.csv of a real run:
+``medseg train configs/experiments/demo_nuclei.yaml --epochs 6 --limit-cases 16 --set data.patch_size=[128,128]
+--set train.samples_per_epoch=64 --set model.encoder_lr_mult=0.3`` (val_loss is the training loss on whole
+validation images; one learning-rate column per parameter group).
+"""
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +36,39 @@ HEALTHY = _rows(_decay(1.0, 0.2), _decay(1.0, 0.25), [0.85 - 0.35 * math.exp(-0.
 
 def codes(rows) -> set[str]:
     return {f.code for f in diagnose_curves(rows)}
+
+
+def _real_run() -> list[dict[str, float]]:
+    with open(Path(__file__).parent / "fixtures/demo_nuclei_6_epochs_metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+REAL = _real_run()
+# The healthy 4-epoch run of issue 14, printed as `[lr_too_high] training loss is noisy or diverging`: the issue
+# gives the training losses and the first and last val Dice; the numbers it does not give are NaN here.
+ISSUE = [{"epoch": float(e), "train_loss": t, "val_loss": math.nan, "val_dice": d}
+         for e, (t, d) in enumerate(zip([0.65, 0.24, 0.17, 0.15], [0.938, math.nan, math.nan, 0.968], strict=True))]
+
+
+def test_a_real_healthy_run_is_ok() -> None:
+    assert {"lr_decoder", "lr_encoder"} <= REAL[0].keys()  # the rates of both parameter groups were recorded
+    assert codes(REAL) == {"ok"}
+
+
+def test_a_fast_steady_fall_is_not_noise() -> None:
+    assert "lr_too_high" not in codes(ISSUE)  # before the fix: the spread of the steps counted as noise
+    assert "lr_too_high" not in codes(REAL)
+
+
+@pytest.mark.parametrize("broken", ["jump", "nan"])
+def test_a_real_run_that_jumps_or_diverges_has_lr_too_high(broken: str) -> None:
+    rows = [dict(r) for r in REAL]
+    if broken == "jump":
+        rows[3]["train_loss"] = 1.6 * rows[2]["train_loss"]  # up by 60% of its level, then back down
+    else:
+        for r in rows[3:]:
+            r["train_loss"] = math.nan
+    assert "lr_too_high" in codes(rows)
 
 
 def test_healthy_curves_are_ok() -> None:

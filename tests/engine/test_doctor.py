@@ -73,3 +73,21 @@ def test_lr_suggestion_is_the_steepest_descent_before_the_loss_blows_up() -> Non
     assert suggest_lr(lrs, losses) == pytest.approx(lrs[5])  # steepest fall, not the last (cliff) point
     assert divergence_lr(lrs, np.linspace(1, 0.5, 13)) is None
     assert suggest_lr(lrs[:4], losses[:4]) is None  # too short to tell
+
+
+def test_overfit_check_runs_the_real_training_step_in_a_trainer_also_for_deep_supervision(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
+    from medseg.engine.module import SegModule
+
+    real = SegModule.training_step
+    calls = []
+
+    def spy(self, batch, batch_idx):
+        calls.append(self.trainer.overfit_batches)
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegModule, "training_step", spy)
+    cfg = tiny_cfg("model.arch=unetplusplus", "model.deep_supervision=true", "augment.mixup=0.5")
+    report = run_doctor(cfg, tmp_path, overfit_batches=1, overfit_steps=3, lr_find=False)
+    assert calls == [1, 1, 1]  # one Lightning step per overfit step, on the one fixed batch
+    assert "initial_loss_ok" in report.codes and {"overfit_ok", "cannot_overfit"} & report.codes, report.checks
+    assert not _errors(report)

@@ -14,9 +14,11 @@ import torch
 from medseg.engine.checkpointing import AtomicCheckpointIO
 from medseg.engine.train import build_dataloaders, load_cases, split_cases, train
 
-# Random 48x48 crops of the 64x64 tiles with the default augmentation: every epoch's batches depend on the
-# sampler's shuffle, the augmentation's own generators and the encoder's stochastic depth.
-RANDOM_TRAINING = ("train.epochs=3", "augment.preset=default", "data.patch_size=[48, 48]", "train.deterministic=true")
+# Random 48x48 crops of the 64x64 tiles with the default augmentation and batch mixing: every epoch's batches
+# depend on the sampler's shuffle, the augmentation's own generators, the mixup/cutmix generator and the
+# encoder's stochastic depth.
+RANDOM_TRAINING = ("train.epochs=3", "augment.preset=default", "data.patch_size=[48, 48]", "train.deterministic=true",
+                   "augment.mixup=0.4", "augment.cutmix=0.4")
 
 
 class _StopAfterEpoch(L.Callback):

@@ -140,3 +140,25 @@ def test_compile_failure_falls_back_to_eager(make_bundle, monkeypatch, caplog) -
         probs = predictor.predict_scan(scan).probs
     np.testing.assert_allclose(probs, eager.predict_scan(scan).probs, atol=1e-6)
     assert "InvalidCxxCompiler" in caplog.text and "running eagerly" in caplog.text
+
+
+def test_every_unetplusplus_inference_head_predicts_from_its_bundle(make_bundle) -> None:
+    """A deep-supervised UNet++ bundle predicts with the head its config names (model.inference_head): the
+    probabilities are that head's softmax (BatchNorm folded or not), and the three heads give three answers."""
+    import torch
+
+    scan = _image(3, (64, 64))
+    probs = {}
+    for head in ("full", "mean", "pruned"):
+        bundle = make_bundle(head, {"model": 7}, ["model.arch=unetplusplus", "model.deep_supervision=true",
+                                                  f"model.inference_head={head}", "model.pruned_depth=2"])
+        predictor = Predictor.from_bundle(bundle, device="cpu")
+        assert predictor.cfg.model.inference_head == head
+        probs[head] = predictor.predict_scan(scan).probs
+        net = build_member(predictor.cfg, tiny_state(predictor.cfg, seed=7), fold=False)
+        with torch.no_grad():
+            expected = torch.softmax(net(predictor.prepare(scan)[None]), 1)[0].numpy()
+        np.testing.assert_allclose(probs[head], expected, atol=1e-4)
+    assert np.abs(probs["full"] - probs["mean"]).max() > 1e-3
+    assert np.abs(probs["full"] - probs["pruned"]).max() > 1e-3
+    assert np.abs(probs["mean"] - probs["pruned"]).max() > 1e-3

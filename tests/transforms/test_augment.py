@@ -8,12 +8,10 @@ from scipy import ndimage
 
 from medseg.config import LossConfig
 from medseg.losses import build_loss
-from medseg.transforms.augment import (
+from medseg.transforms import (
     AUGMENTATIONS,
     build_augmentation_2d,
     build_augmentation_3d,
-    build_eval_transform_2d,
-    crop_to_original,
     cutmix_batch,
     mix_batch,
     mixed_loss,
@@ -132,7 +130,7 @@ def test_seeded_transforms_draw_independently() -> None:
     # together or not at all; Augment2D makes them share one stream instead.
     import albumentations as A
 
-    from medseg.transforms.augment import Augment2D
+    from medseg.transforms import Augment2D
 
     aug = Augment2D(A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)], seed=0), A.Compose([], seed=1), 1)
     image = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
@@ -181,23 +179,6 @@ def test_bad_inputs_raise() -> None:
         aug(np.zeros((40, 40, 3), np.float32), np.zeros((40, 41), np.int64))
     with pytest.raises(KeyError, match="valid: default, heavy, light, none"):
         build_augmentation_2d("extreme", (32, 32), 3)
-
-
-def test_eval_transform_is_deterministic_and_crops_back() -> None:
-    mask = blobs((37, 53), 4)
-    image = np.random.default_rng(2).random((37, 53, 3)).astype(np.float32)
-    weight = np.full((37, 53), 2.0, dtype=np.float32)
-    fn = build_eval_transform_2d(pad_multiple=32)
-    a, b = fn(image, mask, weight), fn(image, mask, weight)
-    assert a["image"].shape == (64, 64, 3) and a["mask"].shape == (64, 64)
-    np.testing.assert_array_equal(a["image"], b["image"])
-    assert a["weight"].sum() == pytest.approx(2.0 * 37 * 53)  # padding weighs nothing
-    logits = np.random.default_rng(3).random((2, 4, 64, 64))  # (B, K, H', W')
-    assert crop_to_original(logits, a["pad_widths"]).shape == (2, 4, 37, 53)
-    np.testing.assert_array_equal(crop_to_original(a["mask"], a["pad_widths"]), mask)
-    np.testing.assert_array_equal(
-        crop_to_original(np.moveaxis(a["image"], -1, 0), a["pad_widths"]), np.moveaxis(image, -1, 0)
-    )
 
 
 @pytest.mark.parametrize("preset", ["none", "light", "default", "heavy"])
@@ -257,3 +238,35 @@ def test_mix_batch_is_off_by_default() -> None:
     out = mix_batch(image, target)
     assert out.image is image and out.target is target and out.target_b is None
     assert mix_batch(image, target, mixup=1.0).target_b is not None
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mix_batch_draws_the_share_from_the_configured_alpha(kind: str) -> None:
+    """Beta(alpha, alpha): a small alpha puts the share near 0 or 1, a large one near 1/2 (for cutmix, the
+    pasted box's area). Before the fix mix_batch dropped the alphas and always used the defaults."""
+    image, target = torch.zeros(4, 1, 32, 32), torch.zeros(4, 32, 32, dtype=torch.long)
+    image[:2] = 1.0  # half the batch is ones: a mixed or pasted sample shows the share it got
+    g = torch.Generator().manual_seed(0)
+
+    def spread(alpha: float) -> float:
+        shares = []
+        for _ in range(40):
+            out = mix_batch(image, target, **{kind: 1.0, f"{kind}_alpha": alpha}, generator=g)
+            if kind == "mixup":
+                shares.append(out.lam)
+            else:  # share of the box in a sample whose partner differs from it
+                diff = (out.image[:, 0] != image[:, 0]).float().mean(dim=(1, 2))
+                shares += [float(d) for d in diff if d > 0]
+        return float(np.mean(np.abs(np.asarray(shares) - 0.5)))
+
+    assert spread(0.05) > 0.3 > 0.1 > spread(50.0)
+
+
+def test_importing_transforms_leaves_albumentations_and_monai_unloaded() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, medseg.transforms as t; "
+            "assert not {'albumentations', 'monai'} & set(sys.modules), 'imported eagerly'; "
+            "t.build_augmentation_2d; assert 'albumentations' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
