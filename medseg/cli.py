@@ -22,10 +22,32 @@ STATE = {"debug": False}
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
     STATE["debug"] = debug
-    # force: each invocation writes to the stderr of its own (tests run several in one process).
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    _log_to_stderr()
     logging.getLogger("lightning").setLevel(logging.WARNING)
     _route_lightning_logs()
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not when the handler was made), so a
+    redirected or replaced stderr — a test runner's, a notebook's — always receives the messages."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always answers
+        pass
+
+
+def _log_to_stderr() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
 
 
 def _route_lightning_logs() -> None:

@@ -33,6 +33,7 @@ from medseg.data.datalist import Case
 from medseg.data.preprocess import map_labels, model_input, prepare_scan, touching_borders
 from medseg.errors import DatasetError, MedsegError
 from medseg.io import read_mask, read_scan
+from medseg.transforms.padding import pad
 from medseg.transforms.resample import model_grid_spacing
 
 log = logging.getLogger("medseg")
@@ -265,19 +266,20 @@ def case_input(d: dict[str, Any], data: Any, z: int = -1, k: int = 0,
     """Network input ``(C, h, w)`` float32 of a cached case (``z < 0``) or of slice ``z`` with ``k`` neighbours on
     each side stacked slice-major (2.5D), cut to ``window`` (y, x) first: only the window is converted."""
     bounds = None if d.get("bounds") is None else tuple(float(v) for v in d["bounds"])
+    name = str(d.get("id", ""))
     if z < 0:
-        return model_input(d["image"][(slice(None), *window)], data, bounds, d["id"])
+        return model_input(d["image"][(slice(None), *window)], data, bounds, name)
     idx = context_indices(z, k, d["image"].shape[1])
-    m = model_input(d["image"][(slice(None), idx, *window)], data, bounds, d["id"])  # (channels, 2k+1, h, w)
+    m = model_input(d["image"][(slice(None), idx, *window)], data, bounds, name)  # (channels, 2k+1, h, w)
     return m.transpose(1, 0, 2, 3).reshape(-1, *m.shape[2:])
 
 
-def _window(center: int, size: int, extent: int) -> tuple[int, int]:
-    """[start, stop) of a window of ``size`` around ``center`` inside [0, extent) (the whole axis if smaller)."""
-    if size >= extent:
-        return 0, extent
-    start = min(max(0, center - size // 2), extent - size)
-    return start, start + size
+def _window(center: int, size: int, extent: int) -> tuple[slice, tuple[int, int]]:
+    """A window of ``size`` centred on ``center``: the part inside [0, extent) and the padding (before, after) that
+    completes it — so the centre stays in the middle of the window even at the image's border."""
+    start = center - size // 2
+    stop = start + size
+    return slice(max(0, start), min(extent, stop)), (max(0, -start), max(0, stop - extent))
 
 
 class PatchDataset(torch.utils.data.Dataset):
@@ -285,8 +287,9 @@ class PatchDataset(torch.utils.data.Dataset):
 
     Each sample picks an item (case, slice); with probability ``data.foreground_share`` its centre is a random
     foreground voxel of the case (a random class first, so rare classes are seen), otherwise a uniform position.
-    A window of ``REGION_FACTOR`` x patch around the centre is cut, converted to network input (`model_input`)
-    and augmented to the patch size.
+    A window of ``REGION_FACTOR`` x patch centred on it is cut (mirror-padded where it leaves the image, or zero-
+    padded with ``augment.padding_mode: constant``), converted to network input (`model_input`) and augmented to the
+    patch size; the augmentation's crop always holds the centre.
 
     Returns ``{"image": (C, H, W) float32, "label": (H, W) uint8[, "weight": (H, W) float32]}``.
 
@@ -299,6 +302,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.data = cfg.data
         self.k = cfg.data.context_slices
         self.augment = augment
+        self.padding_mode = cfg.augment.padding_mode
         self.share = cfg.data.foreground_share
         ph, pw = cfg.data.patch_size
         self.region = (math.ceil(ph * REGION_FACTOR), math.ceil(pw * REGION_FACTOR))
@@ -366,14 +370,14 @@ class PatchDataset(torch.utils.data.Dataset):
         z, (cy, cx) = self._centre(d, z)
         label_full = d["label"]
         h, w = label_full.shape[-2:]
-        y0, y1 = _window(cy, self.region[0], h)
-        x0, x1 = _window(cx, self.region[1], w)
+        ys, ypad = _window(cy, self.region[0], h)
+        xs, xpad = _window(cx, self.region[1], w)
         weight = d.get("weight")
-        window = (slice(y0, y1), slice(x0, x1))
-        image = case_input(d, self.data, z, self.k, window)
-        label = label_full[window] if z < 0 else label_full[(z, *window)]
-        if weight is not None:
-            weight = weight[window] if z < 0 else weight[(z, *window)]
+        window = (ys, xs)
+        image = pad(case_input(d, self.data, z, self.k, window), ((0, 0), ypad, xpad), self.padding_mode)
+        label = pad(label_full[window] if z < 0 else label_full[(z, *window)], (ypad, xpad), self.padding_mode)
+        if weight is not None:  # constant padding: padded pixels weigh nothing
+            weight = pad(weight[window] if z < 0 else weight[(z, *window)], (ypad, xpad), self.padding_mode)
         out = self.augment(
             np.ascontiguousarray(np.moveaxis(image, 0, -1)), np.ascontiguousarray(label),
             None if weight is None else np.ascontiguousarray(weight),

@@ -398,6 +398,7 @@ def train(
     log.info("training on %d cases, validating on %d", len(setup.train_cases), len(setup.val_cases))
     train_dl, val_dl = build_dataloaders(cfg, setup.train_cases, setup.val_cases, progress, cache_dir=out_dir / "cache")
 
+    left_out = [*train_dl.dataset.cache.problems, *val_dl.dataset.cache.problems]
     module = SegModule(cfg)
     if cfg.model.cache_encoder_features:  # the decoder trains on a frozen encoder's features, computed once per case
         train_dl = attach_feature_cache(module, train_dl, cfg)
@@ -416,7 +417,7 @@ def train(
         load_checkpoint(last)
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resuming else None,
                 weights_only=True if resuming else None)
-    setup.left_out = [*train_dl.dataset.cache.problems, *val_dl.dataset.cache.problems]
+    setup.left_out = left_out
     readable = set(val_dl.dataset.cache.ids)
     setup.val_cases = [c for c in setup.val_cases if c.id in readable]
     return _finish(cfg, out_dir, setup, trainer, module, wall_start)

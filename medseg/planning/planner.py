@@ -257,26 +257,41 @@ def infer_label_map(values: list[int]) -> tuple[dict[int, int], dict[int, str]]:
 
 
 def _plan_labels(fp: Fingerprint, plan: Plan) -> None:
-    """The label map from the masks' values, unless the config names one."""
+    """The label map from the masks' values, unless the config names one. A value found in a single mask of ten or
+    more is not taken for a class (a stray value in one badly exported mask; that case is reported when it is
+    read); with ``data.labels`` given, its K classes are 0 and the K-1 values found in the most masks."""
     if "data.label_map" in plan.explicit:
         return
-    values = fp.mask_values()
-    if not values:
+    counts: dict[int, int] = {}
+    labelled = [c for c in fp.cases if c.has_mask]
+    for c in labelled:
+        for v in c.mask_values:
+            counts[v] = counts.get(v, 0) + 1
+    if not counts:
         return
+    values = sorted(counts)
+    if len(labelled) >= 10:
+        values = [v for v in values if v == 0 or counts[v] >= 2]
+    named = plan.cfg.data.labels if plan.cfg is not None and "data.labels" in plan.explicit else None
+    if named is not None:
+        common = sorted((v for v in values if v != 0), key=lambda v: (-counts[v], v))[: len(named) - 1]
+        values = sorted({0, *common})
     if len(values) > MAX_INFERRED_CLASSES:
         from medseg.errors import DatasetError
 
         raise DatasetError(f"the masks hold {len(values)} different values ({values[:6]}...): too many to be classes; "
                            "set data.label_map (raw value -> class index)")
     label_map, labels = infer_label_map(values)
-    plan.set("data.label_map", label_map, f"mask values {values} found in the masks: 0 is background")
-    if "data.labels" not in plan.explicit:
+    stray = sorted(set(counts) - set(values))
+    note = f"; {stray} in few masks: not classes (those masks are reported)" if stray else ""
+    plan.set("data.label_map", label_map, f"mask values {values} found in the masks, 0 is background{note}")
+    if named is None:
         plan.set("data.labels", labels, f"{len(labels)} classes")
-    elif set(plan.cfg.data.labels) != set(label_map.values()) if plan.cfg is not None else False:
+    elif len(named) != len(label_map):
         from medseg.errors import DatasetError
 
-        raise DatasetError(f"data.labels names classes {sorted(plan.cfg.data.labels)}, but the masks hold values {values}: "
-                           f"set data.label_map to map them")
+        raise DatasetError(f"data.labels names {len(named)} classes, but the masks hold values {values}: set "
+                           "data.label_map to map them")
 
 
 def _plan_image(fp: Fingerprint, cfg: ExperimentConfig, device: DeviceProfile, budget: _Budget, plan: Plan) -> None:

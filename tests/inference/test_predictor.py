@@ -157,7 +157,7 @@ def test_every_unetplusplus_inference_head_predicts_from_its_bundle(make_bundle)
         probs[head] = predictor.predict_scan(scan).probs
         net = build_member(predictor.cfg, tiny_state(predictor.cfg, seed=7), fold=False)
         with torch.no_grad():
-            expected = torch.softmax(net(predictor.prepare(scan)[None]), 1)[0].numpy()
+            expected = torch.softmax(net(predictor.prepare(scan)[0][None]), 1)[0].numpy()
         np.testing.assert_allclose(probs[head], expected, atol=1e-4)
     assert np.abs(probs["full"] - probs["mean"]).max() > 1e-3
     assert np.abs(probs["full"] - probs["pruned"]).max() > 1e-3
