@@ -100,10 +100,13 @@ def initial_epoch_steps(epochs: int, steps_per_epoch: int, budget_seconds: float
     return [first] + [base + (1 if i < extra else 0) for i in range(epochs - 1)]
 
 
+STEP_WINDOW = 50  # recent step intervals the step time is estimated from
+
+
 @dataclass
 class BudgetState:
     epoch_steps: list[int]
-    step_seconds: list[float] = field(default_factory=list)  # per finished epoch, training only
+    step_seconds: list[float] = field(default_factory=list)  # recent step intervals (batch end to batch end)
     val_seconds_per_case: float | None = None
     val_cases: int | None = None  # cases per round now
     replans: list[dict[str, Any]] = field(default_factory=list)
@@ -128,6 +131,7 @@ class BudgetGuard(L.Callback):
         self.budget_seconds = budget_seconds
         self.state = BudgetState(list(epoch_steps), val_cases=len(val_dataset) if val_dataset is not None else None)
         self._epoch_start: float | None = None
+        self._last_batch_end: float | None = None
         self._val_start: float | None = None
         self._val_time = 0.0
         self._val_n = 0
@@ -154,7 +158,16 @@ class BudgetGuard(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self.clock()
+        self._last_batch_end = None  # the first batch of an epoch carries loader start-up (and, once, warm-up)
         self._val_time, self._val_n = 0.0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        now = self.clock()
+        if self._last_batch_end is not None:
+            # Batch end to batch end: the step and the loading of the next batch, which is what a step costs.
+            self.state.step_seconds.append((now - self._last_batch_end) * trainer.accumulate_grad_batches)
+            del self.state.step_seconds[:-STEP_WINDOW]
+        self._last_batch_end = now
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -171,17 +184,16 @@ class BudgetGuard(L.Callback):
         if self._epoch_start is None:
             return
         epoch = trainer.current_epoch
-        done_steps = self.state.epoch_steps[epoch] if epoch < len(self.state.epoch_steps) else 0
-        elapsed = self.clock() - self._epoch_start
-        train_time = max(1e-6, elapsed - self._val_time)
-        self.state.step_seconds.append(train_time / max(1, done_steps))
+        if not self.state.step_seconds:  # a one-batch epoch measured nothing between batches: use the epoch
+            done_steps = self.state.epoch_steps[epoch] if epoch < len(self.state.epoch_steps) else 1
+            self.state.step_seconds.append(max(1e-6, self.clock() - self._epoch_start - self._val_time) / max(1, done_steps))
         if self._val_n:
             self.state.val_seconds_per_case = self._val_time / self._val_n
         self.replan(trainer, pl_module, epoch)
 
     # -------------------------------------------------------------------------------------- planning
     def _step_seconds(self) -> float:
-        recent = self.state.step_seconds[-3:]  # the last epochs: loader warm-up and caches settle after epoch 0
+        recent = self.state.step_seconds[-STEP_WINDOW:]
         return sum(recent) / len(recent)
 
     def replan(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 from medseg.config import ExperimentConfig
 from medseg.data import Case
 from medseg.errors import MedsegError
-from medseg.io import read_scan
 from medseg.metrics import mean_foreground_dice, per_label_metrics
+from medseg.planning import Fingerprint
 
 log = logging.getLogger("medseg")
 
@@ -75,64 +74,41 @@ def _names(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + more
 
 
-def check_data(cfg: ExperimentConfig, cases: list[Case], report: DoctorReport, max_cases: int = 200) -> None:
-    """Read up to ``max_cases`` cases (evenly spread) and report on labels, balance, intensities and sizes."""
+def check_data(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport, label_map_planned: bool = False) -> None:
+    """Rules over the dataset fingerprint (`medseg.planning.fingerprint`, the planner reads the same one): labels,
+    balance, intensities and sizes. ``label_map_planned``: the label map was inferred from the masks."""
     d = cfg.data
-    chosen = cases if len(cases) <= max_cases else [cases[i] for i in np.linspace(0, len(cases) - 1, max_cases).astype(int)]
     root = d.root or d.datalist
-    report.add("data_found", "ok", f"{len(cases)} image/mask pairs found in {root}"
-               + (f"; checking {len(chosen)} of them" if len(chosen) < len(cases) else ""))
-    unmapped: dict[int, list[str]] = {}
-    shape_mismatch, unreadable, empty, constant = [], [], [], []
-    class_pixels: Counter[int] = Counter()
-    sizes, spacings, ranges, dtypes, channels = [], Counter(), [], Counter(), Counter()
-    for case in chosen:
-        try:
-            scan = read_scan(case.image)
-            mask = read_scan(case.mask) if case.mask else None
-        except MedsegError as e:
-            unreadable.append(f"{e}")
-            continue
-        arr = scan.array.astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        ranges.append((lo, hi))
-        dtypes[str(scan.array.dtype)] += 1
-        channels[scan.channels_first().shape[0]] += 1
-        if hi <= lo:
-            constant.append(case.image.name)
-        sizes.append((case.image.name, scan.spatial_shape))
-        spacings[tuple(round(s, 3) for s in scan.geometry.spacing_zyx)] += 1
-        if mask is None:
-            continue
-        m = mask.array if mask.array.ndim == mask.spatial_ndim else mask.array[..., 0]
-        if m.shape != scan.spatial_shape:
-            shape_mismatch.append(f"{case.mask.name} {m.shape} vs image {scan.spatial_shape}")
-            continue
-        values, counts = np.unique(m, return_counts=True)
-        mapped_any_fg = False
-        for v, c in zip(values.tolist(), counts.tolist(), strict=True):
-            if int(v) != v or int(v) not in d.label_map:
-                unmapped.setdefault(v, []).append(case.mask.name)
-            else:
-                cls = d.label_map[int(v)]
-                class_pixels[cls] += c
-                mapped_any_fg |= cls != 0
-        if not mapped_any_fg:
-            empty.append(case.mask.name)
-
+    report.add("data_found", "ok", f"{fp.n_cases} image/mask pairs found in {root}"
+               + (f"; checking {len(fp.cases)} of them" if len(fp.cases) < fp.n_cases else ""))
+    shape = [p for p in fp.problems if "mask shape" in p]
+    unreadable = [p for p in fp.problems if "mask shape" not in p]
     if unreadable:
         report.add("unreadable", "error", f"{len(unreadable)} case(s) cannot be read: {_names(unreadable, 2)}")
-    if shape_mismatch:
-        report.add("mask_shape_mismatch", "error", f"{len(shape_mismatch)} mask(s) differ in shape from their image: {_names(shape_mismatch)}")
+    if shape:
+        report.add("mask_shape_mismatch", "error", f"{len(shape)} mask(s) differ in shape from their image: {_names(shape)}")
+    labelled = [c for c in fp.cases if c.has_mask]
+    unmapped: dict[int, list[str]] = {}
+    for c in labelled:
+        for v in c.mask_values:
+            if v not in d.label_map:
+                unmapped.setdefault(v, []).append(c.id)
     if unmapped:
-        raw = sorted({v for v in unmapped})
-        n_masks = len({n for names in unmapped.values() for n in names})
-        seen = sorted(set(raw) | {v for v in d.label_map if class_pixels.get(d.label_map[v])})
-        hint = "{" + ", ".join(f"{v}: {i}" for i, v in enumerate(seen)) + "}"
+        raw = sorted(unmapped)
+        cases_hit = sorted({i for ids in unmapped.values() for i in ids})
+        hint = "{" + ", ".join(f"{v}: {i}" for i, v in enumerate(fp.mask_values())) + "}"
         report.add("label_map_mismatch", "error",
-                   f"mask values {raw[:10]} in {n_masks} of {len(chosen)} masks are not in data.label_map "
-                   f"{dict(sorted(d.label_map.items()))} (e.g. {_names(sorted({n for ns in unmapped.values() for n in ns}), 2)}): "
-                   f"set data.label_map to map every raw value to a class, e.g. {hint}")
+                   f"mask values {raw[:10]} in {len(cases_hit)} of {len(labelled)} masks are not in data.label_map "
+                   f"{dict(sorted(d.label_map.items()))} (e.g. {_names(cases_hit, 2)}): set data.label_map to map every "
+                   f"raw value to a class, e.g. {hint}")
+    elif label_map_planned:
+        report.add("label_map_inferred", "info", f"data.label_map {dict(sorted(d.label_map.items()))} inferred from the "
+                   "mask values (set it in the config to choose another)")
+    class_pixels: dict[int, int] = {}
+    for c in labelled:
+        for v, n in c.mask_values.items():
+            if v in d.label_map:
+                class_pixels[d.label_map[v]] = class_pixels.get(d.label_map[v], 0) + n
     total = sum(class_pixels.values())
     if total:
         shares = {k: class_pixels.get(k, 0) / total for k in sorted(d.labels)}
@@ -144,33 +120,41 @@ def check_data(cfg: ExperimentConfig, cases: list[Case], report: DoctorReport, m
         rare = [f"{d.labels[k]} ({100 * s:.2f}%)" for k, s in shares.items() if 0 < s < 0.01 and k != 0]
         if rare:
             report.add("class_imbalance", "warning", f"rare class(es) {rare}: keep a Dice term in the loss (dice_ce) "
-                       "or class weights, and check that patches contain them")
+                       "or class weights; the plan centres patches on foreground (data.foreground_share)")
+    empty = [c.id for c in labelled if not any(d.label_map.get(v, 0) for v in c.mask_values)]
     if empty:
-        share = len(empty) / max(1, len(chosen))
+        share = len(empty) / max(1, len(labelled))
         report.add("empty_masks", "warning" if share > 0.2 else "info",
                    f"{len(empty)} mask(s) have no foreground ({_names(empty)}): fine if intended (negatives), "
                    "otherwise a wrong label map or an export error")
+    stats = [(c, c.intensity) for c in fp.cases if c.intensity is not None]
+    constant = [c.id for c, i in stats if i.max <= i.min]
     if constant:
         report.add("constant_images", "warning", f"{len(constant)} image(s) are constant (one value): {_names(constant)}")
-    if ranges:
-        lows, highs = np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
-        report.add("intensity", "info", f"intensities {lows.min():g}..{highs.max():g} (dtypes {dict(dtypes)}, channels {dict(channels)}); "
-                   f"normalised with '{d.intensity}' to [0, 1]")
-        if np.median(highs) > 0 and (highs.max() > 20 * np.median(highs) or highs.min() < np.median(highs) / 20):
+    if stats:
+        lows, highs = np.array([i.min for _, i in stats]), np.array([i.max for _, i in stats])
+        dtypes = sorted({c.dtype for c in fp.cases})
+        report.add("intensity", "info", f"intensities {lows.min():g}..{highs.max():g} (dtypes {dtypes}, channels "
+                   f"{sorted(fp.channels)}, modality {fp.modality or 'unknown'}); normalised with '{d.intensity}' to [0, 1]")
+        med = float(np.median(highs))
+        if med > 0 and (highs.max() > 20 * med or highs.min() < med / 20):
             report.add("intensity_outliers", "warning", f"image maxima range from {highs.min():g} to {highs.max():g} "
-                       f"(median {np.median(highs):g}): mixed bit depths or modalities?")
-    if sizes:
-        areas = np.array([float(np.prod(s)) for _, s in sizes])
-        med = float(np.median(areas))
-        shapes = [s for _, s in sizes]
-        report.add("sizes", "info", f"sizes from {min(shapes)} to {max(shapes)} (array order); patch {tuple(d.patch_size)}"
-                   + (f"; spacings {dict(spacings.most_common(3))}" if len(spacings) > 1 else f"; spacing {next(iter(spacings))}"))
-        outliers = [f"{n} {s}" for (n, s), a in zip(sizes, areas, strict=True) if a > 4 * med or a < med / 4]
-        if outliers:
-            report.add("size_outliers", "warning", f"{len(outliers)} case(s) far from the median size: {_names(outliers)}")
-        if len(spacings) > 1 and any(s != (1.0,) * len(s) for s in spacings):
-            report.add("mixed_spacing", "info", f"{len(spacings)} different spacings: fine for 2D microscopy, "
-                       "check for volumes (metrics in mm use each case's own spacing)")
+                       f"(median {med:g}): mixed bit depths or modalities?")
+    areas = np.array([float(np.prod(c.shape)) for c in fp.cases])
+    med_area = float(np.median(areas))
+    summary = fp.summary()
+    spacings = {tuple(round(s, 3) for s in c.spacing) for c in fp.cases}
+    report.add("sizes", "info", f"sizes from {tuple(summary['shape_min'])} to {tuple(summary['shape_max'])} (array order), "
+               f"median {tuple(summary['shape_median'])}; patch {tuple(d.patch_size)}"
+               + ("" if fp.spacing_stated else "; no physical spacing stated"))
+    outliers = [f"{c.id} {c.shape}" for c, a in zip(fp.cases, areas, strict=True) if a > 4 * med_area or a < med_area / 4]
+    if outliers and d.resample == "none":
+        report.add("size_outliers", "warning", f"{len(outliers)} case(s) far from the median size: {_names(outliers)}; "
+                   "leave data.resample to the plan (it resizes images of varying size)")
+    if len(spacings) > 1 and fp.spacing_stated and d.resample == "none":
+        report.add("mixed_spacing", "warning" if fp.ndim == 3 else "info",
+                   f"{len(spacings)} different spacings and data.resample: none: the network sees structures at "
+                   "different scales (leave data.resample to the plan)")
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -398,6 +382,7 @@ def run_doctor(
     model prepared in code). Writes ``OUT/lr_find.png``."""
     from medseg.engine.train import load_cases
     from medseg.models import build_model
+    from medseg.planning import plan_run
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -405,10 +390,20 @@ def run_doctor(
     torch.manual_seed(cfg.train.seed)
     try:
         cases = load_cases(cfg)
+        if cfg.plan:  # check what training will run: the plan fills what the config leaves open
+            planned = plan_run(cfg, cases, out_dir, max_cases=max_cases)
+            cfg, fp, inferred = planned.cfg, planned.fingerprint, "data.label_map" in planned.applied
+            for key, value, why in planned.plan.rows():
+                if key in planned.applied:
+                    report.add("plan", "info", f"{key} = {value}: {why}")
+        else:
+            from medseg.planning import fingerprint_for
+
+            fp, inferred = fingerprint_for(cases, cfg, out_dir, max_cases=max_cases), False
     except MedsegError as e:
         report.add("no_data", "error", str(e))
         return report
-    check_data(cfg, cases, report, max_cases)
+    check_data(cfg, fp, report, inferred)
     if report.has_errors:
         return report  # the training checks would only fail on the same problem
     if model is None:

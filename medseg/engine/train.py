@@ -409,7 +409,7 @@ def train(
     rng_state = ResumableRandomState(train_dl.dataset, cfg.train.seed)
     callbacks = [rng_state, *([guard] if guard else []), *(extra_callbacks or [])]
     if guard is not None and max_time is None:  # the guard plans to finish in time; this is the backstop
-        max_time = timedelta(seconds=cfg.train.budget_minutes * 60 * 1.02)
+        max_time = timedelta(seconds=max(1.0, guard.deadline - clock()))
     trainer = build_trainer(cfg, out_dir, progress, callbacks, max_time, reload_dataloaders=guard is not None)
     # Our checkpoints hold only tensors, numbers, strings and containers (model, optimiser, scheduler,
     # loop and callback state), so resume loads them with weights_only=True: nothing is unpickled.
@@ -478,7 +478,8 @@ def _finish(cfg: ExperimentConfig, out_dir: Path, setup: _RunSetup, trainer: L.T
             model_card(cfg, len(setup.train_cases), len(setup.val_cases), metrics, extra),
             extra_files={"splits.json": split_file_for(cfg, out_dir).read_text()},
         )
-        _record_result(out_dir, shipped, best_dice, trainer, time.time() - wall_start, setup.left_out)
+        _record_result(out_dir, shipped, best_dice, trainer, time.time() - wall_start, setup.left_out,
+                       len(setup.val_cases))
     return TrainResult(out_dir, bundle, best_dice, trainer.current_epoch, time.time() - wall_start, list(members),
                        shipped, trainer.global_step, findings, setup.left_out)
 
@@ -499,10 +500,11 @@ def _score_members(cfg: ExperimentConfig, members: dict[str, dict[str, torch.Ten
 
 
 def _record_result(out_dir: Path, shipped: float, best: float, trainer: L.Trainer, seconds: float,
-                   left_out: list[str]) -> None:
+                   left_out: list[str], n_val: int) -> None:
     path = out_dir / "run_info.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
-    info["result"] = {"val_dice_shipped": shipped, "val_dice_best_checkpoint": best, "epochs": trainer.current_epoch,
+    info["result"] = {"val_dice_shipped": shipped, "val_cases": n_val, "val_dice_best_checkpoint": best,
+                      "epochs": trainer.current_epoch,
                       "global_step": trainer.global_step, "seconds": round(seconds, 1), "left_out": left_out}
     guard = next((c for c in trainer.callbacks if isinstance(c, BudgetGuard)), None)
     if guard is not None:

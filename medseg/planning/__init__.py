@@ -69,12 +69,13 @@ def plan_run(
     device: DeviceProfile | None = None,
     explicit: set[str] | None = None,
     n_train: int | None = None,
+    max_cases: int | None = 300,
 ) -> PlannedRun:
     """Fingerprint ``cases``, plan for ``device`` (default: the one training will use) within
     ``cfg.train.budget_minutes``, apply the plan to the keys the user did not set; write ``plan.yaml`` and
     ``fingerprint.json`` into ``out_dir``."""
     explicit = explicit_keys(cfg) if explicit is None else explicit
-    fp = fingerprint_for(cases, cfg, out_dir)
+    fp = fingerprint_for(cases, cfg, out_dir, max_cases)
     device = device or detect_device(cfg.train.accelerator, cfg.model.encoder)
     plan = plan_experiment(fp, cfg, device, cfg.train.budget_minutes, n_train, explicit)
     planned, applied = apply_plan(cfg, plan, explicit)
