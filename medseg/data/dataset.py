@@ -274,10 +274,16 @@ def case_input(d: dict[str, Any], data: Any, z: int = -1, k: int = 0,
     return m.transpose(1, 0, 2, 3).reshape(-1, *m.shape[2:])
 
 
-def _window(center: int, size: int, extent: int) -> tuple[slice, tuple[int, int]]:
-    """A window of ``size`` centred on ``center``: the part inside [0, extent) and the padding (before, after) that
-    completes it — so the centre stays in the middle of the window even at the image's border."""
+def _window(center: int, size: int, extent: int, centred: bool) -> tuple[slice, tuple[int, int]]:
+    """A window of ``size`` around ``center`` on an axis of ``extent``: (the part inside the image, padding before
+    and after). The whole axis when it is no longer than the window. ``centred`` (a foreground centre): the window
+    is centred on it, padded where it leaves the image, so the augmentation's crop always holds the centre;
+    otherwise it is shifted inside the image (uniform crops never show padding an image does not need)."""
+    if extent <= size:
+        return slice(0, extent), (0, 0)
     start = center - size // 2
+    if not centred:
+        start = min(max(0, start), extent - size)
     stop = start + size
     return slice(max(0, start), min(extent, stop)), (max(0, -start), max(0, stop - extent))
 
@@ -287,9 +293,9 @@ class PatchDataset(torch.utils.data.Dataset):
 
     Each sample picks an item (case, slice); with probability ``data.foreground_share`` its centre is a random
     foreground voxel of the case (a random class first, so rare classes are seen), otherwise a uniform position.
-    A window of ``REGION_FACTOR`` x patch centred on it is cut (mirror-padded where it leaves the image, or zero-
-    padded with ``augment.padding_mode: constant``), converted to network input (`model_input`) and augmented to the
-    patch size; the augmentation's crop always holds the centre.
+    A window of ``REGION_FACTOR`` x patch around it is cut (for a foreground centre: centred, mirror-padded where it
+    leaves the image — zero-padded with ``augment.padding_mode: constant`` — so the augmentation's crop holds the
+    centre), converted to network input (`model_input`) and augmented to the patch size.
 
     Returns ``{"image": (C, H, W) float32, "label": (H, W) uint8[, "weight": (H, W) float32]}``.
 
@@ -350,8 +356,8 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _centre(self, d: dict[str, Any], z: int) -> tuple[int, tuple[int, int]]:
-        """(slice, (y, x)) of the patch centre."""
+    def _centre(self, d: dict[str, Any], z: int) -> tuple[int, tuple[int, int], bool]:
+        """(slice, (y, x)) of the patch centre, and whether it is a foreground voxel."""
         shape = d["label"].shape
         points = d.get("fg_points")
         if self.share > 0 and points is not None and len(points) and self.rng.random() < self.share:
@@ -359,19 +365,19 @@ class PatchDataset(torch.utils.data.Dataset):
             k = self.rng.choice(np.unique(classes))
             candidates = np.flatnonzero(classes == k)
             p = points[candidates[self.rng.integers(len(candidates))]]
-            return (int(p[0]) if len(shape) == 3 else -1), (int(p[-2]), int(p[-1]))
+            return (int(p[0]) if len(shape) == 3 else -1), (int(p[-2]), int(p[-1])), True
         h, w = shape[-2:]
-        return z, (int(self.rng.integers(h)), int(self.rng.integers(w)))
+        return z, (int(self.rng.integers(h)), int(self.rng.integers(w))), False
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         self._reseed_in_worker()
         i, z = self.items[index % len(self.items)]
         d = self.cache[i]
-        z, (cy, cx) = self._centre(d, z)
+        z, (cy, cx), centred = self._centre(d, z)
         label_full = d["label"]
         h, w = label_full.shape[-2:]
-        ys, ypad = _window(cy, self.region[0], h)
-        xs, xpad = _window(cx, self.region[1], w)
+        ys, ypad = _window(cy, self.region[0], h, centred)
+        xs, xpad = _window(cx, self.region[1], w, centred)
         weight = d.get("weight")
         window = (ys, xs)
         image = pad(case_input(d, self.data, z, self.k, window), ((0, 0), ypad, xpad), self.padding_mode)

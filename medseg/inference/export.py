@@ -80,7 +80,13 @@ def export_onnx(bundle_path: str | Path, out: str | Path, opset: int = 17) -> Pa
         "input": {"name": "image", "layout": "BCHW", "range": [0.0, 1.0], "channels": cfg.data.input_channels,
                   "channels_per_slice": cfg.data.channels, "context_slices": cfg.data.context_slices,
                   "intensity": str(cfg.data.intensity), "ct_window": list(cfg.data.ct_window),
+                  "intensity_range": list(cfg.data.intensity_range) if cfg.data.intensity_range else None,
                   "size_multiple": stride, "pad_mode": "reflect"},
+        # The model grid the network was trained on (medseg.transforms.resample): resample each scan like this
+        # first, and the probabilities back to the scan's grid before argmax.
+        "model_grid": {"resample": str(cfg.data.resample),
+                       "target_spacing_mm_array_order": list(cfg.data.target_spacing) if cfg.data.target_spacing else None,
+                       "target_size_px_geometric_mean": cfg.data.target_size, "slice_axis": cfg.data.slice_axis},
         "output": {"name": "probabilities", "layout": "BKHW"},
         "output_stride": stride,
         "tile_size": list(cfg.inference.tile_size),
