@@ -121,7 +121,7 @@ def test_budget_sets_patch_batch_and_enough_steps() -> None:
     long, _ = _plan(_fp(cases), budget=60)
     p_short, p_long = short.get("data.patch_size"), long.get("data.patch_size")
     assert p_short[0] <= p_long[0] and p_long == [512, 512]
-    for plan, minutes in ((short, 5), (long, 60)):
+    for plan in (short, long):
         steps = plan.summary["estimated_steps"]
         assert steps >= MIN_STEPS * 0.95 or plan.get("data.patch_size")[0] == 64
         assert plan.get("train.epochs") >= 1 and plan.get("train.samples_per_epoch") >= plan.get("train.batch_size")
