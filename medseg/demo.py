@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from medseg.config import load_config
-from medseg.data.preprocess import map_labels
+from medseg.engine.evaluate import evaluate_cases
 from medseg.engine.train import load_cases, split_cases, train
 from medseg.inference import Predictor
 from medseg.inference.outputs import write_prediction_outputs
-from medseg.io import read_scan
-from medseg.metrics import per_label_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,20 +32,20 @@ def main() -> None:
     cfg = load_config(args.config, [f"train.epochs={args.epochs}"] if args.epochs else None)
     result = train(cfg, args.out)
 
-    _, held_aside = split_cases(cfg, load_cases(cfg), args.out)
     predictor = Predictor.from_bundle(result.bundle)
+    planned = predictor.cfg  # the bundle's config: the plan applied
+    _, held_aside = split_cases(planned, load_cases(planned), args.out)
     pred_dir = args.out / "predictions"
-    dices = []
-    for case in held_aside:
-        scan = read_scan(case.image)
-        pred = predictor.predict_scan(scan)
-        write_prediction_outputs(scan, pred, predictor.labels, pred_dir, case.id, label_map=cfg.data.label_map)
-        target = map_labels(read_scan(case.mask), cfg.data.label_map, scan.spatial_shape, case.mask.name)
-        dice = per_label_metrics(pred.mask, target, cfg.data.num_classes, hd95=False)[1]["dice"]
-        dices.append(dice)
-        print(f"  {case.id}: Dice {dice:.3f}")
+
+    def write(case, scan, pred, target) -> None:
+        write_prediction_outputs(scan, pred, predictor.labels, pred_dir, case.id, label_map=planned.data.label_map)
+
+    evaluation = evaluate_cases(predictor, held_aside, planned, hd95=False, on_case=write)
+    dices = [r["dice"] for r in evaluation.rows]
+    for r in evaluation.rows:
+        print(f"  {r['case']}: Dice {r['dice']:.3f}")
     summary = {
-        "held_aside_cases": len(dices), "mean_dice": float(np.mean(dices)), "best_val_dice": result.best_val_dice,
+        "held_aside_cases": len(dices), "mean_dice": float(np.mean(dices)), "val_dice_reported_by_train": result.val_dice,
         "epochs": cfg.train.epochs, "minutes": (time.time() - start) / 60,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

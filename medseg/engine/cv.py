@@ -31,13 +31,12 @@ from safetensors.torch import load_file
 from medseg.bundle import load_bundle, save_bundle
 from medseg.config import ExperimentConfig
 from medseg.data import load_or_make_splits
-from medseg.data.preprocess import map_labels
 from medseg.engine.calibrate import Calibration, fit_temperature, sample_pixels
+from medseg.engine.evaluate import evaluate_cases
 from medseg.engine.train import load_cases, model_card, preprocessing_record, train
 from medseg.errors import DatasetError
 from medseg.inference import Predictor
-from medseg.io import read_scan, write_probabilities
-from medseg.metrics import per_label_metrics
+from medseg.io import write_probabilities
 
 log = logging.getLogger("medseg")
 
@@ -104,21 +103,21 @@ def cross_validate(
     rng = np.random.default_rng(cfg.train.seed)
     rows, files, samples = [], [], []
     labels = cfg.data.labels
+    fold_cfg = cfg
+    suffix = {"npz": ".npz", "nifti": ".nii.gz"}.get(oof_format, "")
+
+    def keep_oof(case, scan, pred, target) -> None:
+        files.append(write_probabilities(pred.probs, scan, oof_dir / f"{case.id}{suffix}"))
+        samples.append(sample_pixels(pred.probs, target, pixels_per_case, rng))
+
     for k, val_ids in enumerate(split):
         predictor = Predictor.from_bundle(out_dir / f"fold_{k}" / "bundle", device=device)
-        for case_id in val_ids:
-            case = by_id[case_id]
-            scan = read_scan(case.image)
-            target = map_labels(read_scan(case.mask), cfg.data.label_map, scan.spatial_shape, case.mask.name)
-            pred = predictor.predict_scan(scan)
-            suffix = {"npz": ".npz", "nifti": ".nii.gz"}.get(oof_format, "")
-            files.append(write_probabilities(pred.probs, scan, oof_dir / f"{case_id}{suffix}"))
-            samples.append(sample_pixels(pred.probs, target, pixels_per_case, rng))
-            spacing = scan.geometry.spacing_zyx
-            metrics = per_label_metrics(pred.mask, target, cfg.data.num_classes, spacing=spacing,
-                                        surface_tolerance_mm=surface_tolerance)
-            for label, m in metrics.items():
-                rows.append({"case": case_id, "fold": k, "label": labels[label], **{n: m.get(n, float("nan")) for n in METRICS}})
+        fold_cfg = predictor.cfg  # the fold's planned config (label map included)
+        evaluation = evaluate_cases(predictor, [by_id[i] for i in val_ids], fold_cfg,
+                                    surface_tolerance_mm=surface_tolerance, on_case=keep_oof)
+        for r in evaluation.rows:
+            rows.append({"case": r["case"], "fold": k, "label": r["label"], **{n: r.get(n, float("nan")) for n in METRICS}})
+        labels = fold_cfg.data.labels
     if not rows:
         raise DatasetError("cross-validation found no validation cases")
     with (out_dir / "oof_metrics.csv").open("w", newline="") as f:
@@ -126,7 +125,7 @@ def cross_validate(
         w.writeheader()
         w.writerows(rows)
 
-    summary = summarise(rows, [labels[i] for i in range(1, cfg.data.num_classes)])
+    summary = summarise(rows, [labels[i] for i in sorted(labels) if i != 0])
     calibration = fit_temperature(np.concatenate([s[0] for s in samples]), np.concatenate([s[1] for s in samples]))
     log.info("temperature %.3f: ECE %.4f -> %.4f on %d OOF pixels", calibration.temperature,
              calibration.ece_before, calibration.ece_after, calibration.pixels)
@@ -136,7 +135,8 @@ def cross_validate(
     (out_dir / "cv_summary.json").write_text(json.dumps(
         {"folds": k_folds, "cases": len(cases), "per_label": summary, "fold_best_val_dice": fold_dice,
          "calibration": calibration.to_json()}, indent=1))
-    bundle = write_cv_bundle(cfg, out_dir, k_folds, split_file, summary, calibration, len(cases))
+    # The bundle's config is a fold's: the plan applied (every fold plans from the same fingerprint).
+    bundle = write_cv_bundle(fold_cfg, out_dir, k_folds, split_file, summary, calibration, len(cases))
     return CVResult(out_dir, bundle, summary, calibration, fold_dice, files)
 
 

@@ -57,10 +57,12 @@ def evaluate_cases(
     cfg: ExperimentConfig,
     *,
     hd95: bool = True,
+    surface_tolerance_mm: float | None = None,
     on_case: Callable[[Case, Any, Any, np.ndarray], None] | None = None,
 ) -> Evaluation:
-    """Predict every case with ``predictor`` (anything with ``predict_scan``) and score it against its mask.
-    ``on_case(case, scan, prediction, target)`` is called after each case (writers, progress)."""
+    """Predict every case with ``predictor`` (anything with ``predict_scan``) and score it against its mask
+    (surface Dice too with ``surface_tolerance_mm``). ``on_case(case, scan, prediction, target)`` is called after
+    each case (writers, progress)."""
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     labels = cfg.data.labels
@@ -73,7 +75,8 @@ def evaluate_cases(
             failed.append(str(e))
             log.warning("not scored: %s", e)
             continue
-        metrics = per_label_metrics(pred.mask, target, cfg.data.num_classes, spacing=scan.geometry.spacing_zyx, hd95=hd95)
+        metrics = per_label_metrics(pred.mask, target, cfg.data.num_classes, spacing=scan.geometry.spacing_zyx, hd95=hd95,
+                                    surface_tolerance_mm=surface_tolerance_mm)
         for k, m in metrics.items():
             rows.append({"case": case.id, "label": labels[k], **m})
         if on_case is not None:
