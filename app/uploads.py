@@ -29,7 +29,8 @@ from medseg.io import (
     read_scan,
 )
 
-SCAN_TYPES = ("nii", "gz", "nrrd", "mha", "mhd", "raw", "dcm", "ima", "zip", "png", "jpg", "jpeg", "tif", "tiff", "bmp")
+# Self-contained files only: a detached .mhd/.raw pair is refused by the readers' untrusted mode anyway.
+SCAN_TYPES = ("nii", "gz", "nrrd", "mha", "dcm", "ima", "zip", "png", "jpg", "jpeg", "tif", "tiff", "bmp")
 MASK_TYPES = ("nii", "gz", "nrrd", "mha", "png", "tif", "tiff", "bmp")
 
 
@@ -141,6 +142,7 @@ def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | N
             max_voxels=settings.max_voxels,
             max_pixels=settings.max_pixels,
             archive_limits=settings.archive_limits,
+            untrusted=True,
         )
     notes = [str(w.message) for w in caught if issubclass(w.category, ScanReadWarning)]
     return ReadResult(scan, list(dict.fromkeys(notes)))
@@ -163,7 +165,7 @@ def read_ground_truth(
     with tempfile.TemporaryDirectory(prefix="medseg-gt-") as tmp:
         path = Path(tmp) / name
         path.write_bytes(data)
-        mask = read_mask(path, max_voxels=settings.max_voxels, max_pixels=settings.max_pixels)
+        mask = read_mask(path, max_voxels=settings.max_voxels, max_pixels=settings.max_pixels, untrusted=True)
     array = mask.array
     if tuple(array.shape) != tuple(scan.spatial_shape):
         raise ScanReadError(

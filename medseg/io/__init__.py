@@ -17,7 +17,11 @@ the readers (``max_voxels``, ``max_pixels``, ``archive_limits=ArchiveLimits(...)
     MAX_COMPRESSION_RATIO  200:1 per zip member of 1 MiB or more
 Nested archives are never opened; symlinks, absolute and ``..`` member paths are refused. Beyond the caps:
 truncated NIfTI/DICOM pixel data is detected before decoding, NaN/inf in a NIfTI header's geometry is refused,
-MetaImage/NRRD data files must sit beside their header, and files that are not regular files are refused.
+MetaImage/NRRD data files must sit beside their header (``medseg.io.headers`` finds them as ITK does), and files
+that are not regular files are refused.
+
+Uploads: ``read_scan(..., untrusted=True)`` (the service and the web app) reads only voxel data stored inside
+the uploaded files; detached ``.mhd``/``.nhdr``/``.raw`` files and headers pointing elsewhere are refused.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ from medseg.io.formats import (
 )
 from medseg.io.geometry import Geometry, Scan
 from medseg.io.raster import read_raster
-from medseg.io.volume import read_volume
+from medseg.io.volume import UPLOAD_FORMS, read_volume
 
 PathLike = str | os.PathLike[str]
 ScanSource = PathLike | Sequence[PathLike]
@@ -56,11 +56,12 @@ ScanSource = PathLike | Sequence[PathLike]
 _JUNK_NAMES = frozenset({"DICOMDIR", "Thumbs.db", "desktop.ini"})
 
 
+@dataclass(frozen=True)
 class _Caps:
-    def __init__(self, max_voxels: int, max_pixels: int, archive_limits: ArchiveLimits | None):
-        self.max_voxels = max_voxels
-        self.max_pixels = max_pixels
-        self.archive_limits = archive_limits
+    max_voxels: int
+    max_pixels: int
+    archive_limits: ArchiveLimits | None
+    untrusted: bool = False  # an upload: only self-contained files (see read_scan)
 
 
 @one_line_errors
@@ -71,6 +72,7 @@ def read_scan(
     max_voxels: int = MAX_VOXELS,
     max_pixels: int = MAX_IMAGE_PIXELS,
     archive_limits: ArchiveLimits | None = None,
+    untrusted: bool = False,
 ) -> Scan:
     """Read a scan with its geometry.
 
@@ -85,10 +87,16 @@ def read_scan(
     (the extraction was temporary) and ``meta["archive"]`` is the zip's name; use ``extracted_zip`` when
     the files themselves are needed.
 
+    ``untrusted``: the source is an upload from someone else (the service, the web app). Only data stored inside
+    the files is read: MetaImage with ``ElementDataFile = LOCAL``, NRRD with attached data, NIfTI, DICOM, raster
+    images; detached ``.mhd``/``.nhdr``/``.raw`` files and headers that point at other files are refused
+    (``UnsupportedFormatError``), without looking whether the file they name exists. Local files named by
+    the user (``untrusted=False``) may reference data files in their own folder.
+
     Raises ``ScanReadError`` (unreadable, corrupt, truncated, too large), ``UnsupportedFormatError``
     (4D, vector volumes, unknown formats) or ``UnsafeArchiveError``, each naming the file and the problem.
     """
-    caps = _Caps(max_voxels, max_pixels, archive_limits)
+    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted)
     return finish_scan(_read_source(source, series_uid, caps, as_mask=False))
 
 
@@ -99,14 +107,15 @@ def read_mask(
     max_voxels: int = MAX_VOXELS,
     max_pixels: int = MAX_IMAGE_PIXELS,
     archive_limits: ArchiveLimits | None = None,
+    untrusted: bool = False,
 ) -> Scan:
     """Read a label map: ``(y, x)`` or ``(z, y, x)`` of non-negative integers, values as stored.
 
     Differences from ``read_scan``: a palette PNG gives its palette indices (not colours); an RGB(A) mask whose
     channels are equal becomes one channel; a float file must hold whole numbers and is cast to an integer
-    type. A colour mask with distinct channels raises ``UnsupportedFormatError``.
+    type. A colour mask with distinct channels raises ``UnsupportedFormatError``. ``untrusted``: as in ``read_scan``.
     """
-    caps = _Caps(max_voxels, max_pixels, archive_limits)
+    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted)
     scan = finish_scan(_read_source(source, None, caps, as_mask=True))
     array = scan.array
     if array.ndim == scan.spatial_ndim + 1:
@@ -234,8 +243,11 @@ def _read_image_file(path: Path, caps: _Caps, *, as_mask: bool) -> Scan:
     if fmt in RASTER_FORMATS:
         return read_raster(path, max_pixels=caps.max_pixels, as_mask=as_mask)
     if fmt in VOLUME_FORMATS:
-        return read_volume(path, max_voxels=caps.max_voxels)
+        return read_volume(path, max_voxels=caps.max_voxels, untrusted=caps.untrusted)
     suffix = full_suffix(path) or "(none)"
+    if suffix in COMPANION_SUFFIXES:
+        wanted = f"upload one self-contained file: {UPLOAD_FORMS}" if caps.untrusted else "read its header instead"
+        raise UnsupportedFormatError(f"{path.name}: {suffix} holds the voxels of a detached header; {wanted}")
     raise UnsupportedFormatError(
         f"{path.name}: unsupported file type {suffix!r}; medseg reads {SUPPORTED_DESCRIPTION}"
     )

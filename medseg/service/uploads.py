@@ -97,8 +97,9 @@ def store_upload(stream: BinaryIO, client_name: str | None, folder: Path, max_by
 
 def read_upload(upload: StoredUpload, series_uid: str | None = None) -> Scan:
     """Read a stored upload as a Scan (errors name ``upload<suffix>`` and the problem); the file is removed
-    afterwards, since the Scan holds everything prediction needs (DICOM headers included, without pixels)."""
+    afterwards, since the Scan holds everything prediction needs (DICOM headers included, without pixels).
+    Read in the readers' untrusted mode: only voxel data inside the upload itself."""
     try:
-        return read_scan(upload.path, series_uid=series_uid)
+        return read_scan(upload.path, series_uid=series_uid, untrusted=True)
     finally:
         upload.path.unlink(missing_ok=True)

@@ -13,8 +13,8 @@ import pytest
 from app_inputs import dicom_zip
 
 from app.settings import ZIP_EXPANSION_ALLOWANCE, load_settings
-from app.uploads import StagedUpload, UploadedBytes, UploadError, read_ground_truth, read_staged
-from medseg.errors import ScanReadError, UnsafeArchiveError
+from app.uploads import SCAN_TYPES, StagedUpload, UploadedBytes, UploadError, read_ground_truth, read_staged
+from medseg.errors import ScanReadError, UnsafeArchiveError, UnsupportedFormatError
 from medseg.io import read_scan
 
 LABELS = {0: {"name": "background"}, 1: {"name": "anterior"}, 2: {"name": "posterior"}}
@@ -105,3 +105,27 @@ def test_ground_truth_values_map_like_the_training_masks(datasets_dir: Path, set
     two_class = {0: {"name": "background"}, 1: {"name": "nucleus"}}
     with pytest.raises(ScanReadError, match=r"hippocampus_001.nii.gz: ground truth holds values \[2\]"):
         read_ground_truth(truth_file.name, truth_file.read_bytes(), scan, two_class, {0: 0, 255: 1}, settings)
+
+
+def test_uploaded_headers_cannot_read_server_files(settings, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(range(1, 17)))
+    header = ("ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\n"
+              f"ElementDataFile: {secret}\n").encode()
+    stage = StagedUpload(UploadedBytes.from_files([("scan.mha", header)]), settings)
+    with pytest.raises(UnsupportedFormatError, match=r"^scan\.mha: .*inside the file"):
+        read_staged(stage, settings)
+    stage.close()
+    # As a ground truth the secret's bytes would come back as "values" in the error message.
+    scan = read_scan(np_image(tmp_path))
+    with pytest.raises(UnsupportedFormatError, match=r"^truth\.mha: .*inside the file"):
+        read_ground_truth("truth.mha", header, scan, LABELS, {}, settings)
+    assert "mhd" not in SCAN_TYPES and "raw" not in SCAN_TYPES  # detached pairs are not offered
+
+
+def np_image(folder: Path) -> Path:
+    import SimpleITK as sitk
+
+    path = folder / "image.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4), np.uint8)), str(path))
+    return path

@@ -306,3 +306,31 @@ def test_settings_come_from_environment_then_overrides(monkeypatch: pytest.Monke
     assert (s.max_queued, s.job_ttl_s, s.work_dir, s.device) == (3, 12.5, tmp_path, "cpu")
     assert s.max_upload_bytes == ServiceSettings().max_upload_bytes
     assert ServiceSettings.from_env(max_queued=7).max_queued == 7
+
+
+# ------------------------------------------------------------------------------- hostile headers (issue 15)
+
+
+def _mha_pointing_at(target: str) -> bytes:
+    return ("ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\n"
+            f"ElementDataFile: {target}\n").encode()
+
+
+def test_upload_header_cannot_read_or_probe_server_files(service: str, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(range(1, 17)))
+    answers = []
+    for name, data in (("scan.mha", _mha_pointing_at(str(secret))), ("scan.mha", _mha_pointing_at("/no/such/file")),
+                       ("scan.nrrd", f"NRRD0004\ntype: uint8\ndimension: 2\nsizes: 4 4\nencoding: raw\n"
+                                     f"data file: {secret}\n\n".encode())):
+        r = submit(service, name, data)
+        assert r.status_code == 415, r.text  # refused up front: no job reads the file
+        assert "inside the file" in r.json()["error"] and str(tmp_path) not in r.json()["error"]
+        answers.append((r.status_code, r.json()["error"].split(":", 1)[1]))
+    assert answers[0] == answers[1]  # an existing and a missing server file look the same
+
+
+def test_detached_header_upload_is_refused_with_a_reason(service: str) -> None:
+    header = b"ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\nElementDataFile = scan.raw\n"
+    r = submit(service, "scan.mhd", header)
+    assert r.status_code == 415 and "detached header" in r.json()["error"]
