@@ -8,6 +8,7 @@ import streamlit as st
 
 from app import session
 from app.auth import require_login
+from app.escape import markdown_text
 from app.measure import physical_units
 from app.predictors import describe, get_predictor
 from app.settings import load_settings
@@ -26,7 +27,8 @@ def banner() -> None:
 
 
 def input_error(message: str) -> None:
-    st.error(message, icon=":material/error:")
+    # Messages name uploaded files and quote bundles: shown as text, never as markup.
+    st.error(markdown_text(message), icon=":material/error:")
     st.stop()
 
 
@@ -108,7 +110,7 @@ def main() -> None:
 
     scan = loaded.scan
     for note in loaded.warnings:
-        st.warning(note, icon=":material/warning:")
+        st.warning(markdown_text(note), icon=":material/warning:")
 
     progress = st.progress(0.0, text="Segmenting…")
     try:
@@ -127,17 +129,19 @@ def main() -> None:
 
     truth_problem = session.attach_truth(result, truth, settings)
     if truth_problem:
-        st.error(f"Ground truth not used: {truth_problem}", icon=":material/error:")
+        st.error(f"Ground truth not used: {markdown_text(truth_problem)}", icon=":material/error:")
 
-    st.caption(f"{describe_scan(scan)} · segmented by **{result.info.name}** (weights `{result.info.weights_hash}`) "
-               f"in {result.seconds:.1f} s on {result.info.device}")
+    info = result.info
+    st.caption(f"{describe_scan(scan)} · segmented by **{markdown_text(info.name)}** (weights "
+               f"{markdown_text(info.weights_hash)}) in {result.seconds:.1f} s on {markdown_text(info.device)}")
     results_view()
 
 
 def describe_scan(scan) -> str:
     shape = " × ".join(str(s) for s in scan.spatial_shape)
-    kind = scan.meta.get("modality") or str(scan.meta.get("format", "")).upper()
+    kind = markdown_text(scan.meta.get("modality") or str(scan.meta.get("format", "")).upper())
+    source = markdown_text(scan.source)
     if not physical_units(scan):
-        return f"**{scan.source}** · {kind} · {shape} pixels (the file states no pixel size)"
+        return f"**{source}** · {kind} · {shape} pixels (the file states no pixel size)"
     spacing = " × ".join(f"{s:.2f}" for s in scan.geometry.spacing_zyx)
-    return f"**{scan.source}** · {kind} · {shape} {'voxels' if scan.is_volume else 'pixels'} at {spacing} mm"
+    return f"**{source}** · {kind} · {shape} {'voxels' if scan.is_volume else 'pixels'} at {spacing} mm"

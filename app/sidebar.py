@@ -8,6 +8,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from app.escape import markdown_text
 from app.predictors import TTA_LABELS, TTA_MODES, ModelInfo, list_bundles, load_bundle_cached
 from app.settings import AppSettings
 from app.uploads import MASK_TYPES, SCAN_TYPES, UploadedBytes
@@ -48,7 +49,7 @@ def choose_model(settings: AppSettings) -> ModelChoice | None:
     try:
         bundle = load_bundle_cached(path)
     except MedsegError as e:
-        st.error(f"This model cannot be loaded: {e}")
+        st.error(f"This model cannot be loaded: {markdown_text(e)}")
         return None
     return ModelChoice(path, bundle, _choose_tta())
 
@@ -68,12 +69,14 @@ def _demote_headings(markdown: str, levels: int = 3) -> str:
 
 def model_details(info: ModelInfo) -> None:
     """Identity of the model that segments (name, version, weights hash, device) and its model card."""
+    # Everything here comes from the bundle or the service: shown as text (the model card is Markdown by design;
+    # Streamlit renders no HTML in it).
     if info.description:
-        st.caption(info.description)
+        st.caption(markdown_text(info.description))
     st.caption(
-        f"Version: {f'`{info.version}`' if info.version else 'not recorded in the bundle'}  \n"
-        f"Weights: `{info.weights_hash or 'unknown'}`  \n"
-        f"Runs on: **{info.device}**" + (" (inference service)" if info.remote else "")
+        f"Version: {markdown_text(info.version) if info.version else 'not recorded in the bundle'}  \n"
+        f"Weights: {markdown_text(info.weights_hash or 'unknown')}  \n"
+        f"Runs on: **{markdown_text(info.device)}**" + (" (inference service)" if info.remote else "")
     )
     if info.model_card:
         with st.expander("Model card"):

@@ -35,17 +35,60 @@ from safetensors.torch import load_file, save_file
 from medseg.config import ExperimentConfig, config_to_yaml, validate_config
 from medseg.errors import BundleError
 
+HEX_COLOUR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 DEFAULT_COLORS = ["#000000", "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
                   "#bcf60c", "#fabebe", "#008080", "#e6beff"]
 RESEARCH_NOTICE = "Research use only — not for diagnosis."
 log = logging.getLogger(__name__)
 
 
+def is_hex_colour(value: object) -> bool:
+    """``#rrggbb`` or ``#rgb``: the only colours a bundle may give (they end up in the app's HTML and CSS)."""
+    return isinstance(value, str) and HEX_COLOUR.fullmatch(value) is not None
+
+
+def _saved_colour(index: int, spec: str | None) -> str:
+    """A config colour as the ``#rrggbb`` a bundle stores: colour names are converted; anything unusable gets
+    the default (with a warning), so the bundle saved at the end of a training run always loads."""
+    default = DEFAULT_COLORS[index % len(DEFAULT_COLORS)]
+    if spec is None or is_hex_colour(spec):
+        return spec or default
+    from PIL import ImageColor
+
+    try:
+        return "#{:02x}{:02x}{:02x}".format(*ImageColor.getrgb(spec)[:3])
+    except ValueError:
+        log.warning("label %d: colour %r is not a colour; the bundle uses %s", index, spec[:40], default)
+        return default
+
+
 def label_table(cfg: ExperimentConfig) -> dict[int, dict[str, str]]:
     return {
-        i: {"name": name, "color": cfg.data.colors.get(i, DEFAULT_COLORS[i % len(DEFAULT_COLORS)])}
+        i: {"name": name, "color": _saved_colour(i, cfg.data.colors.get(i))}
         for i, name in sorted(cfg.data.labels.items())
     }
+
+
+def _checked_labels(raw: Any, shown: str) -> dict[int, dict[str, str]]:
+    """``labels.json`` as ``{index: {"name", "color"}}``; a name that is not text or a colour that is not
+    ``#rrggbb``/``#rgb`` is a ``BundleError`` (a colour like ``red;position:fixed`` would style the app)."""
+    if not isinstance(raw, dict):
+        raise BundleError(f"{shown}/labels.json: does not hold an object of labels")
+    labels = {}
+    for key, value in raw.items():
+        try:
+            index = int(key)
+        except ValueError:
+            raise BundleError(f"{shown}/labels.json: label key {str(key)[:20]!r} is not a class index") from None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise BundleError(f"{shown}/labels.json: label {index} has no text name")
+        colour = value.get("color")
+        if not is_hex_colour(colour):
+            raise BundleError(
+                f"{shown}/labels.json: label {index} colour {str(colour)[:20]!r} is not #rrggbb or #rgb"
+            )
+        labels[index] = dict(value)
+    return labels
 
 
 @dataclass
@@ -216,7 +259,6 @@ def _load_bundle_dir(path: Path, shown: str) -> Bundle:
         raw_cfg = yaml.safe_load((path / "config.yaml").read_text())
         _check_size(raw_cfg, "config.yaml")
         labels_raw = json.loads((path / "labels.json").read_text())
-        labels = {int(k): dict(v) for k, v in labels_raw.items()}
         prep = json.loads((path / "preprocessing.json").read_text())
         calib_file = path / "calibration.json"
         calibration = json.loads(calib_file.read_text()) if calib_file.is_file() else None
@@ -226,6 +268,7 @@ def _load_bundle_dir(path: Path, shown: str) -> Bundle:
         raise BundleError(f"{shown}: corrupt bundle metadata ({_one_line(e)})") from None
     if not isinstance(raw_cfg, dict):
         raise BundleError(f"{shown}: corrupt bundle metadata (config.yaml does not hold a mapping)")
+    labels = _checked_labels(labels_raw, shown)
     cfg = validate_config(raw_cfg, f"{shown}/config.yaml")
     card = (path / "model_card.md").read_text(errors="replace") if (path / "model_card.md").is_file() else ""
     return Bundle(path, cfg, labels, prep, members, calibration, card)

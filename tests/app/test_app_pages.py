@@ -243,3 +243,26 @@ def test_remote_service_mode_segments_through_the_service(
     assert _table(at).iloc[0]["Pixels"] == np.count_nonzero(result.mask == 1)
     record = json.loads(app_env.read_text().splitlines()[-1])
     assert record["remote"] is True and record["weights_hash"] == result.info.weights_hash
+
+
+def test_bundle_label_names_are_shown_as_text_not_markup(app_env: Path, datasets_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: a crafted labels.json hid the research-use banner (CSS) and showed a fake sign-in field."""
+    from app_inputs import make_tiny_bundle
+
+    models = tmp_path / "models"
+    crafted = make_tiny_bundle(models / "crafted")
+    labels = json.loads((crafted / "labels.json").read_text())
+    hostile = '<style>.stAlert{display:none}</style><input placeholder="Password"> [sign in](http://x)'
+    labels["1"]["name"] = hostile
+    (crafted / "labels.json").write_text(json.dumps(labels))
+    monkeypatch.setenv("MEDSEG_MODELS_DIR", str(models))
+    image = sorted((datasets_dir / "dsb2018_nuclei" / "images").glob("*.png"))[0]
+    at = _upload(_app(), image.name, image.read_bytes(), "image/png")
+    _assert_clean(at)
+    html = [e.proto.body for e in at.get("html")]
+    assert html, "the legend swatches are missing"
+    assert not any("<style" in body or "<input" in body for body in html), html
+    labels_shown = [c.label for c in at.checkbox]
+    assert not any("[sign in](" in label for label in labels_shown), labels_shown
+    assert _banner_shown(at)
