@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import streamlit as st
 
-from app import session
+from app import session, session_files
 from app.auth import require_login
 from app.escape import markdown_text
 from app.measure import physical_units
@@ -44,6 +45,12 @@ def welcome(settings) -> None:
     st.caption(settings.limits_text() + " Uploads stay in this session and are deleted when it ends.")
 
 
+@st.cache_resource
+def _upload_janitor(root: str) -> session_files.Janitor:
+    """One janitor per server process: deletes the upload folders of sessions that ended."""
+    return session_files.Janitor(Path(root)).start()
+
+
 def main() -> None:
     """The whole page, top to bottom (Streamlit reruns it on every interaction outside the viewer fragment)."""
     st.set_page_config(page_title="medseg · segmentation", page_icon=":material/biotech:", layout="wide")
@@ -53,6 +60,7 @@ def main() -> None:
     except ValueError as e:
         input_error(f"The app is misconfigured: {e}")
         return
+    _upload_janitor(str(settings.upload_dir))
     user = require_login()
 
     with st.sidebar:

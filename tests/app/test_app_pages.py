@@ -266,3 +266,21 @@ def test_bundle_label_names_are_shown_as_text_not_markup(app_env: Path, datasets
     labels_shown = [c.label for c in at.checkbox]
     assert not any("[sign in](" in label for label in labels_shown), labels_shown
     assert _banner_shown(at)
+
+
+def test_uploads_sit_in_the_session_folder_under_neutral_names(app_env: Path, datasets_dir: Path,
+                                                               tmp_path: Path) -> None:
+    import time
+
+    from app import session_files
+
+    image = sorted((datasets_dir / "dsb2018_nuclei" / "images").glob("*.png"))[0]
+    at = _upload(_app(), "Doe_John_1970-01-01.png", image.read_bytes(), "image/png")
+    _assert_clean(at)
+    root = tmp_path / "uploads"
+    staged = [p for p in root.rglob("*") if p.is_file()]
+    assert [p.name for p in staged] == ["scan.png"] and "Doe" not in str(staged)
+    assert "Doe_John_1970-01-01.png" in " ".join(c.value for c in at.caption)  # the page names the user's file
+    # The session ends (the runtime no longer lists it): its folder goes at the next sweep after the grace.
+    session_files.sweep(root, lambda _sid: False, idle_s=0, now=time.time() + session_files.GONE_GRACE_S + 1)
+    assert not any(p.exists() for p in staged)
