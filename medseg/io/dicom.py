@@ -23,7 +23,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from medseg.errors import ScanReadError, UnsupportedFormatError
-from medseg.io.checks import MAX_VOXELS, ScanReadWarning, check_pixel_count, safe_reason
+from medseg.io.checks import MAX_VOXELS, Admit, ScanReadWarning, check_pixel_count, safe_reason
 from medseg.io.formats import SUFFIX_FORMATS, ScanFormat, full_suffix, has_dicom_magic
 from medseg.io.geometry import Geometry, Scan
 
@@ -214,7 +214,9 @@ def choose_series(series: list[_Series], series_uid: str | None, name: str) -> _
     raise ScanReadError(f"{name}: no DICOM series with SeriesInstanceUID {series_uid!r} (found: {listing})")
 
 
-def read_dicom_series(series: _Series, name: str, *, max_voxels: int = MAX_VOXELS) -> Scan:
+def read_dicom_series(
+    series: _Series, name: str, *, max_voxels: int = MAX_VOXELS, admit: Admit | None = None
+) -> Scan:
     """Decode one series into a Scan: ``(z, y, x)`` for several slices, ``(y, x)`` / ``(y, x, 3)`` for one.
 
     ``meta``: ``dicom_files`` (stack order), ``dicom_datasets`` (headers, same order), ``modality``,
@@ -234,7 +236,7 @@ def read_dicom_series(series: _Series, name: str, *, max_voxels: int = MAX_VOXEL
         )
     rows, cols = int(first.Rows), int(first.Columns)
     samples = int(first.get("SamplesPerPixel", 1) or 1)
-    check_pixel_count(name, (len(datasets), rows, cols), samples, max_voxels)
+    check_pixel_count(name, (len(datasets), rows, cols), samples, max_voxels, admit)
 
     positions: list[float] = []
     if len(datasets) > 1:

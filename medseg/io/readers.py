@@ -23,6 +23,7 @@ from medseg.io.archive import ArchiveLimits, ExtractedArchive, extracted_zip
 from medseg.io.checks import (
     MAX_IMAGE_PIXELS,
     MAX_VOXELS,
+    Admit,
     ScanReadWarning,
     finish_scan,
     one_line_errors,
@@ -62,6 +63,7 @@ class _Caps:
     max_pixels: int
     archive_limits: ArchiveLimits | None
     untrusted: bool = False  # an upload: only self-contained files (see read_scan)
+    admit: Admit | None = None  # asked before decoding (see read_scan)
 
 
 @one_line_errors
@@ -73,6 +75,7 @@ def read_scan(
     max_pixels: int = MAX_IMAGE_PIXELS,
     archive_limits: ArchiveLimits | None = None,
     untrusted: bool = False,
+    admit: Admit | None = None,
 ) -> Scan:
     """Read a scan with its geometry.
 
@@ -93,10 +96,14 @@ def read_scan(
     (``UnsupportedFormatError``), without looking whether the file they name exists. Local files named by
     the user (``untrusted=False``) may reference data files in their own folder.
 
+    ``max_voxels``/``max_pixels``: caps on the samples a header announces (volumes and DICOM series / 2D
+    images), checked before anything is decoded (``ScanTooLargeError``). ``admit(samples)``: called once the
+    cap passed, still before decoding; it may raise to refuse (the service reserves memory for the scan).
+
     Raises ``ScanReadError`` (unreadable, corrupt, truncated, too large), ``UnsupportedFormatError``
     (4D, vector volumes, unknown formats) or ``UnsafeArchiveError``, each naming the file and the problem.
     """
-    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted)
+    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted, admit)
     return finish_scan(_read_source(source, series_uid, caps, as_mask=False))
 
 
@@ -108,14 +115,16 @@ def read_mask(
     max_pixels: int = MAX_IMAGE_PIXELS,
     archive_limits: ArchiveLimits | None = None,
     untrusted: bool = False,
+    admit: Admit | None = None,
 ) -> Scan:
     """Read a label map: ``(y, x)`` or ``(z, y, x)`` of non-negative integers, values as stored.
 
     Differences from ``read_scan``: a palette PNG gives its palette indices (not colours); an RGB(A) mask whose
     channels are equal becomes one channel; a float file must hold whole numbers and is cast to an integer
-    type. A colour mask with distinct channels raises ``UnsupportedFormatError``. ``untrusted``: as in ``read_scan``.
+    type. A colour mask with distinct channels raises ``UnsupportedFormatError``. ``untrusted``, ``admit``: as in
+    ``read_scan``.
     """
-    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted)
+    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted, admit)
     scan = finish_scan(_read_source(source, None, caps, as_mask=True))
     array = scan.array
     if array.ndim == scan.spatial_ndim + 1:
@@ -231,7 +240,7 @@ def _read_source(source: ScanSource, series_uid: str | None, caps: _Caps, *, as_
         if not series:
             raise ScanReadError(f"{path.name}: not a readable DICOM image file")
         return read_dicom_series(
-            choose_series(series, series_uid, path.name), path.name, max_voxels=caps.max_voxels
+            choose_series(series, series_uid, path.name), path.name, max_voxels=caps.max_voxels, admit=caps.admit
         )
     if series_uid is not None:
         raise ScanReadError(f"{path.name}: series_uid {series_uid!r} given, but this is not a DICOM source")
@@ -241,9 +250,9 @@ def _read_source(source: ScanSource, series_uid: str | None, caps: _Caps, *, as_
 def _read_image_file(path: Path, caps: _Caps, *, as_mask: bool) -> Scan:
     fmt = detect_format(path)
     if fmt in RASTER_FORMATS:
-        return read_raster(path, max_pixels=caps.max_pixels, as_mask=as_mask)
+        return read_raster(path, max_pixels=caps.max_pixels, as_mask=as_mask, admit=caps.admit)
     if fmt in VOLUME_FORMATS:
-        return read_volume(path, max_voxels=caps.max_voxels, untrusted=caps.untrusted)
+        return read_volume(path, max_voxels=caps.max_voxels, untrusted=caps.untrusted, admit=caps.admit)
     suffix = full_suffix(path) or "(none)"
     if suffix in COMPANION_SUFFIXES:
         wanted = f"upload one self-contained file: {UPLOAD_FORMS}" if caps.untrusted else "read its header instead"
@@ -294,7 +303,9 @@ def _read_file_set(
                 ScanReadWarning,
                 stacklevel=2,
             )
-        return read_dicom_series(choose_series(series, series_uid, name), name, max_voxels=caps.max_voxels)
+        return read_dicom_series(
+            choose_series(series, series_uid, name), name, max_voxels=caps.max_voxels, admit=caps.admit
+        )
     if series_uid is not None:
         raise ScanReadError(f"{name}: series_uid {series_uid!r} given, but no DICOM series was found")
     if len(images) == 1:

@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import ScanReadError, UnsupportedFormatError
-from medseg.io.checks import MAX_VOXELS, check_pixel_count, safe_reason
+from medseg.io.checks import MAX_VOXELS, Admit, check_pixel_count, safe_reason
 from medseg.io.formats import DETACHED_HEADER_SUFFIXES, ScanFormat, detect_format, full_suffix
 from medseg.io.geometry import Geometry, Scan
 from medseg.io.headers import metaimage_data_reference, nrrd_data_reference
@@ -36,7 +36,9 @@ _DATA_REFERENCE_PARSERS = {ScanFormat.metaimage: metaimage_data_reference, ScanF
 UPLOAD_FORMS = ".mha (ElementDataFile = LOCAL), .nrrd with attached data, or NIfTI"
 
 
-def read_volume(path: Path, *, max_voxels: int = MAX_VOXELS, untrusted: bool = False) -> Scan:
+def read_volume(
+    path: Path, *, max_voxels: int = MAX_VOXELS, untrusted: bool = False, admit: Admit | None = None
+) -> Scan:
     """Read a NIfTI/NRRD/MetaImage file.
 
     Returns a Scan with ``array`` ``(z, y, x)`` for volumes, ``(y, x)`` (or ``(y, x, C)``) for 2D files.
@@ -44,7 +46,7 @@ def read_volume(path: Path, *, max_voxels: int = MAX_VOXELS, untrusted: bool = F
     ``UnsupportedFormatError``. Inherited from ITK: a NIfTI volume with a single slice is read as 2D, and
     ITK's NIfTI reader turns NaN voxels into 0 (other formats keep NaN for ``checks.fill_nonfinite``).
 
-    ``untrusted`` (uploads): the voxel data must be inside the file; detached ``.mhd``/``.nhdr`` headers and
+    ``admit``: see ``read_scan``. ``untrusted`` (uploads): the voxel data must be inside the file; detached ``.mhd``/``.nhdr`` headers and
     headers that reference other files raise ``UnsupportedFormatError`` whether or not the file exists.
     """
     name = path.name
@@ -83,7 +85,7 @@ def read_volume(path: Path, *, max_voxels: int = MAX_VOXELS, untrusted: bool = F
         )
     if reader.GetPixelID() in _COMPLEX_PIXEL_IDS:
         raise UnsupportedFormatError(f"{name}: complex-valued pixels are not supported")
-    check_pixel_count(name, shape, components, max_voxels)
+    check_pixel_count(name, shape, components, max_voxels, admit)
     if fmt == ScanFormat.nifti:
         _check_nifti_data_length(path, reader)
 

@@ -131,3 +131,22 @@ def np_image(folder: Path) -> Path:
     path = folder / "image.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4), np.uint8)), str(path))
     return path
+
+
+def test_voxel_cap_is_checked_from_the_header_before_decoding(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from medseg.errors import ScanTooLargeError
+
+    monkeypatch.setenv("MEDSEG_MAX_VOXELS", "100000")
+    buf = io.BytesIO()
+    Image.new("L", (9400, 9400)).save(buf, format="PNG")
+    bomb = buf.getvalue()[:1024]  # a valid header over a cut stream: only the header can be read
+    settings = load_settings()
+    stage = StagedUpload(UploadedBytes.from_files([("bomb.png", bomb)]), settings)
+    with pytest.raises(ScanTooLargeError, match=r"^bomb\.png: header announces 88,360,000 samples"):
+        read_staged(stage, settings)
+    stage.close()
+    scan = read_scan(np_image(tmp_path))
+    with pytest.raises(ScanTooLargeError, match=r"^bomb\.png: "):
+        read_ground_truth("bomb.png", bomb, scan, LABELS, {}, settings)
