@@ -14,7 +14,8 @@ the readers (``max_voxels``, ``max_pixels``, ``archive_limits=ArchiveLimits(...)
     MAX_IMAGE_PIXELS       89,478,485 pixels in a 2D image (Pillow's own limit; Pillow refuses twice that)
     MAX_MEMBERS            10,000 members in a zip
     MAX_TOTAL_BYTES        2 GiB uncompressed in a zip (declared sizes, and the bytes actually written)
-    MAX_COMPRESSION_RATIO  200:1 per zip member of 1 MiB or more
+    MAX_COMPRESSION_RATIO  200:1 per zip member of 1 MiB or more, for all members together, and for the bytes
+                           written against the zip file's own size (checked while extracting)
 Nested archives are never opened; symlinks, absolute and ``..`` member paths are refused. Beyond the caps:
 truncated NIfTI/DICOM pixel data is detected before decoding, NaN/inf in a NIfTI header's geometry is refused,
 MetaImage/NRRD data files must sit beside their header (``medseg.io.headers`` finds them as ITK does), and files
