@@ -25,9 +25,9 @@ MAX_VOXELS = 1_000_000_000  # 3D: 1e9 voxels is 4 GB as float32, far above any c
 MAX_IMAGE_PIXELS = 89_478_485  # 2D: Pillow's own MAX_IMAGE_PIXELS (~ a 9459 x 9459 image)
 
 F = TypeVar("F", bound=Callable[..., Any])
-# Called with the sample count a header announces, after the cap passed and before any pixel is decoded; it may
-# raise to refuse (the service reserves the scan's memory this way).
-Admit = Callable[[int], None]
+# Called with the shape (array order) and samples per pixel a header announces, after the cap passed and before
+# any pixel is decoded; it may raise to refuse (the service reserves the scan's memory this way).
+Admit = Callable[[tuple[int, ...], int], None]
 
 
 class ScanReadWarning(UserWarning):
@@ -45,7 +45,7 @@ def check_pixel_count(
             "refusing to decode (raise the cap if this file is genuine)"
         )
     if admit is not None:
-        admit(count)
+        admit(tuple(int(s) for s in shape), max(1, components))
 
 
 def safe_reason(err: BaseException | str, *paths: str | Path) -> str:

@@ -52,7 +52,7 @@ def read_raster(
             # Channels are not counted here: the cap is on pixels (Pillow's limit is too); admit sees samples.
             check_pixel_count(name, (im.height, im.width), 1, max_pixels)
             if admit is not None:
-                admit(im.height * im.width * len(im.getbands()))
+                admit((im.height, im.width), len(im.getbands()))
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
                 raise UnsupportedFormatError(

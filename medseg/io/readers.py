@@ -97,8 +97,9 @@ def read_scan(
     the user (``untrusted=False``) may reference data files in their own folder.
 
     ``max_voxels``/``max_pixels``: caps on the samples a header announces (volumes and DICOM series / 2D
-    images), checked before anything is decoded (``ScanTooLargeError``). ``admit(samples)``: called once the
-    cap passed, still before decoding; it may raise to refuse (the service reserves memory for the scan).
+    images), checked before anything is decoded (``ScanTooLargeError``). ``admit(shape, samples_per_pixel)``:
+    called once the cap passed, still before decoding; it may raise to refuse (the service checks the shape
+    and reserves memory for the scan).
 
     Raises ``ScanReadError`` (unreadable, corrupt, truncated, too large), ``UnsupportedFormatError``
     (4D, vector volumes, unknown formats) or ``UnsafeArchiveError``, each naming the file and the problem.

@@ -54,6 +54,7 @@ from medseg.service.results import (
     UNCERTAINTY_NIFTI,
     MaskFormat,
     UncertaintyFormat,
+    check_result_shape,
     uncertainty_npz,
 )
 from medseg.service.settings import ServiceSettings
@@ -235,9 +236,14 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         try:
             with reads:
                 upload = store_upload(file.file, file.filename, folder, settings.max_upload_bytes)
+
+                def admit(shape: tuple[int, ...], components: int) -> None:
+                    check_result_shape(upload.path.name, shape)
+                    reservation.admit(shape, components)
+
                 try:
                     scan = read_upload(upload, series_uid, max_voxels=voxel_cap,
-                                       max_pixels=min(voxel_cap, MAX_IMAGE_PIXELS), admit=reservation.admit)
+                                       max_pixels=min(voxel_cap, MAX_IMAGE_PIXELS), admit=admit)
                 except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
                     raise

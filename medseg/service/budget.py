@@ -16,6 +16,7 @@ predicting a scan needs several times its decoded size. So:
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -99,7 +100,7 @@ class MemoryBudget:
 
 
 class Reservation:
-    """One request's share of the budget: ``admit(samples)`` (the readers' hook, before decoding) takes it,
+    """One request's share of the budget: ``admit(shape, components)`` (the readers' hook, before decoding) takes it,
     ``release()`` gives it back (idempotent: the request's error path and the worker may both call it)."""
 
     def __init__(self, budget: MemoryBudget):
@@ -107,8 +108,8 @@ class Reservation:
         self._held = 0
         self._lock = threading.Lock()
 
-    def admit(self, samples: int) -> None:
-        amount = int(samples) * DECODED_BYTES_PER_SAMPLE
+    def admit(self, shape: tuple[int, ...], components: int = 1) -> None:
+        amount = math.prod(shape) * max(1, components) * DECODED_BYTES_PER_SAMPLE
         with self._lock:
             extra = amount - self._held
             if extra > 0:

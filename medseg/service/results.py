@@ -16,16 +16,28 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, ScanReadError
 from medseg.inference.postprocess import measure
 from medseg.io import Geometry, Scan, write_mask
 from medseg.io.volume import write_volume
+
+# NIfTI-1 stores each dimension as a 16-bit integer: a scan with a longer side cannot get its mask file.
+MAX_SIDE = 32767
 
 MASK_NIFTI = "mask.nii.gz"
 MASK_PNG = "mask.png"
 MASK_DICOM_SEG = "mask_seg.dcm"
 UNCERTAINTY_NIFTI = "uncertainty.nii.gz"
 REPORT = "report.json"
+
+
+def check_result_shape(name: str, shape: tuple[int, ...]) -> None:
+    """Refuse, from the header, a scan whose mask could not be written (``ScanReadError``, one line)."""
+    if any(side > MAX_SIDE for side in shape):
+        raise ScanReadError(
+            f"{name}: {' x '.join(f'{s:,}' for s in shape)} pixels; a side longer than {MAX_SIDE:,} cannot be "
+            "written as a NIfTI mask (crop or downsample the image)"
+        )
 
 
 class MaskFormat(StrEnum):

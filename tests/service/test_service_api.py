@@ -334,3 +334,42 @@ def test_detached_header_upload_is_refused_with_a_reason(service: str) -> None:
     header = b"ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\nElementDataFile = scan.raw\n"
     r = submit(service, "scan.mhd", header)
     assert r.status_code == 415 and "detached header" in r.json()["error"]
+
+
+# ---------------------------------------------------------------------------- client errors (issue 15)
+
+
+def test_degenerate_shape_is_refused_up_front_in_one_line(service: str) -> None:
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((1, 60000), np.uint8)).save(buf, format="PNG")
+    r = submit(service, "strip.png", buf.getvalue())
+    assert r.status_code == 422, r.text  # was 202, then a job error quoting ITK's build paths and heap address
+    error = r.json()["error"]
+    assert error.startswith("upload.png: 1 x 60,000 pixels") and "32,767" in error
+    assert "\n" not in error and "/" not in error and "0x" not in error
+
+
+def test_job_errors_reach_the_client_without_paths_or_addresses(predictor: Predictor, datasets_dir: Path,
+                                                                start_service, tmp_path: Path) -> None:
+    class ItkFailure:
+        def __init__(self, inner: Predictor):
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def predict_scan(self, scan, progress=None):
+            raise RuntimeError(
+                "Exception thrown in SimpleITK ImageFileWriter_Execute: /tmp/SimpleITK-build/ITK/Modules/IO/NIFTI/"
+                "src/itkNiftiImageIO.cxx:1440:\nITK ERROR: NiftiImageIO(0x55a417fd0c30): Dimension(0) = 60000 is "
+                "greater than maximum possible dimension 32767 in /srv/medseg/jobs/x/mask.nii.gz"
+            )
+
+    url = start_service(ItkFailure(predictor), ServiceSettings(work_dir=tmp_path))
+    job_id = submit(url, "a.png", nuclei_image(datasets_dir, 0).read_bytes()).json()["job_id"]
+    status = wait_done(url, job_id)
+    assert status["status"] == "failed"
+    assert status["error"] == ("RuntimeError: Dimension(0) = 60000 is greater than maximum possible dimension 32767 "
+                               "in mask.nii.gz")
