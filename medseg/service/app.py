@@ -1,7 +1,8 @@
 """The FastAPI app: upload a scan -> a job; poll the job; fetch its mask, uncertainty and measurements.
 
 ```
-POST /v1/segment                 multipart: file (scan; DICOM series as one .zip), tta?, series_uid?  -> 202 {job_id}
+POST /v1/segment                 multipart: file (scan; DICOM series as one .zip), tta?, series_uid?, anonymize?
+                                 -> 202 {job_id}
 GET  /v1/jobs/{id}               {job_id, status: queued|running|done|failed, progress 0..1, error}
 GET  /v1/jobs/{id}/mask          ?format=nifti|png|dicom-seg  (class indices on the scan's grid)
 GET  /v1/jobs/{id}/uncertainty   ?format=nifti|npz            (normalised entropy in [0, 1])
@@ -227,6 +228,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         file: Annotated[UploadFile, File(description="A scan: NIfTI, NRRD, MHA, PNG/JPEG/TIFF/BMP, DICOM file, or a .zip of a DICOM series")],
         tta: Annotated[Tta | None, Form(description="Test-time augmentation; default: the bundle's")] = None,
         series_uid: Annotated[str | None, Form(description="Which DICOM series when the zip holds several")] = None,
+        anonymize: Annotated[bool, Form(description="De-identify the DICOM SEG (patient and study attributes, "
+                                                    "hashed UIDs)")] = False,
     ) -> JSONResponse:
         """Queue a scan for segmentation; answers 202 with the job id at once (429 when the queue is full)."""
         if jobs.is_full():  # cheap refusal before reading anything
@@ -247,7 +250,7 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
                 except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
                     raise
-            job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation)
+            job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation, anonymize)
         except BaseException as e:
             reservation.release()
             shutil.rmtree(folder, ignore_errors=True)

@@ -13,10 +13,14 @@ writing the result files) is bounded by the voxel cap.
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import logging
 import math
+import os
 import queue
+import re
+import secrets
 import shutil
 import threading
 import time
@@ -35,6 +39,8 @@ from medseg.service.results import write_results
 log = logging.getLogger("medseg.service")
 
 TTA_MODES = ("none", "flips", "multicrop", "full")
+_JOB_FOLDER = re.compile(r"[0-9a-f]{32}")
+LOCK_FILE = ".medseg-service.lock"
 
 
 class JobStatus(StrEnum):
@@ -42,6 +48,21 @@ class JobStatus(StrEnum):
     running = "running"
     done = "done"
     failed = "failed"
+
+
+def _lock_work_dir(work_dir: Path) -> Any:
+    """An exclusive lock on ``work_dir`` for this process's lifetime (the start-up purge would delete another
+    live process's jobs)."""
+    handle = open(work_dir / LOCK_FILE, "a")  # noqa: SIM115 - held open until JobQueue.stop
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise MedsegError(
+            f"{work_dir.name}: this work_dir is in use by another medseg service process; give each process its own"
+        ) from None
+    os.chmod(work_dir / LOCK_FILE, 0o600)
+    return handle
 
 
 def public_error(err: BaseException) -> str:
@@ -69,6 +90,7 @@ class Job:
     folder: Path
     sha256: str
     tta: str | None
+    anonymize: bool = False  # de-identify the DICOM SEG
     status: JobStatus = JobStatus.queued
     progress: float = 0.0
     error: str | None = None
@@ -87,15 +109,30 @@ class JobQueue:
     """``submit`` a scan, the worker predicts it and writes the result files into the job's folder.
 
     ``predictor``: a ``medseg.inference.Predictor`` (or anything with its ``predict_scan``/``cfg``/``labels``).
+
+    ``work_dir`` belongs to this queue alone (a lock file says so; a second process gets ``MedsegError``). Jobs
+    live in memory, so job folders found there at start-up are from a process that died: they are deleted
+    (they may hold DICOM SEGs with patient data). Folders are ``0700``, files ``0600``.
     """
 
     def __init__(self, predictor: Any, work_dir: Path, max_queued: int, job_ttl_s: float, max_jobs: int,
                  job_timeout_s: float = math.inf):
         self.predictor = predictor
         self.job_timeout_s = job_timeout_s
+        self.salt = secrets.token_hex(16)  # hashes DICOM UIDs of anonymized SEGs; never leaves this process
         self._deadline: float | None = None  # of the running job (monotonic clock); None while idle
         self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.work_dir.chmod(0o700)
+        except PermissionError:  # a mounted folder owned by someone else: its owner decides
+            log.warning("work_dir %s: cannot make it private (0700)", self.work_dir.name)
+        self._lock_file = _lock_work_dir(self.work_dir)
+        stale = [p for p in self.work_dir.iterdir() if p.is_dir() and _JOB_FOLDER.fullmatch(p.name)]
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        if stale:
+            log.info("deleted %d job folder(s) left by a previous service process", len(stale))
         self.job_ttl_s = job_ttl_s
         self.max_jobs = max_jobs
         self._pending: queue.Queue[Job] = queue.Queue(maxsize=max_queued)
@@ -125,6 +162,7 @@ class JobQueue:
         for hook in self._hooks:  # the predictor may outlive this queue (tests, reloads)
             hook.remove()
         self._hooks = []
+        self._lock_file.close()  # releases the work_dir lock
 
     # ----------------------------------------------------------------------------------------- time limit
 
@@ -145,7 +183,8 @@ class JobQueue:
         """A fresh job id and its folder (the upload is stored there before the job exists)."""
         job_id = uuid.uuid4().hex
         folder = self.work_dir / job_id
-        folder.mkdir()
+        folder.mkdir(mode=0o700)
+        folder.chmod(0o700)  # mkdir's mode passes through the umask
         return job_id, folder
 
     def retry_after(self) -> int:
@@ -155,11 +194,11 @@ class JobQueue:
         return self._pending.full()
 
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: str | None,
-               reservation: Any = None) -> Job:
+               reservation: Any = None, anonymize: bool = False) -> Job:
         """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder`` and releases
         ``reservation``; once queued, the worker releases it when the job ends)."""
-        job = Job(job_id, folder, sha256, tta, is_volume=scan.is_volume, is_dicom=scan.meta.get("format") == "dicom",
-                  scan=scan, reservation=reservation)
+        job = Job(job_id, folder, sha256, tta, anonymize, is_volume=scan.is_volume,
+                  is_dicom=scan.meta.get("format") == "dicom", scan=scan, reservation=reservation)
         with self._lock:
             self._jobs[job.id] = job
         try:
@@ -223,7 +262,8 @@ class JobQueue:
                 "job_id": job.id, "upload_sha256": job.sha256, "model": self.predictor.name,
                 "weights_hash": self.predictor.weights_hash, "tta": cfg.tta,
             }
-            write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info)
+            write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info,
+                          anonymize=job.anonymize, salt=self.salt)
             job.status, job.progress = JobStatus.done, 1.0
             log.info("job %s done in %.2f s", job.id, time.time() - start)
         except Exception as e:  # a broken scan or a writer bug fails this job, never the worker

@@ -257,7 +257,9 @@ def test_finished_jobs_and_their_files_expire(predictor: Predictor, datasets_dir
         assert time.monotonic() < deadline, "job not purged after its TTL"
         time.sleep(0.2)
     assert not (tmp_path / job_id).exists()
-    assert list(tmp_path.iterdir()) == []  # no stray uploads either
+    from medseg.service.jobs import LOCK_FILE
+
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_FILE]  # no stray uploads either
 
 
 # ------------------------------------------------------------------------------------------ metadata
@@ -373,3 +375,56 @@ def test_job_errors_reach_the_client_without_paths_or_addresses(predictor: Predi
     assert status["status"] == "failed"
     assert status["error"] == ("RuntimeError: Dimension(0) = 60000 is greater than maximum possible dimension 32767 "
                                "in mask.nii.gz")
+
+
+# ---------------------------------------------------------------------------- job files (issue 15)
+
+
+def test_stale_job_folders_are_purged_at_start_and_job_files_are_private(predictor: Predictor, datasets_dir: Path,
+                                                                         start_service, tmp_path: Path) -> None:
+    stale = tmp_path / ("ab" * 16)  # a job folder left by a process that crashed
+    stale.mkdir()
+    (stale / "mask_seg.dcm").write_bytes(b"patient data")
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    url = start_service(predictor, ServiceSettings(work_dir=tmp_path))
+    assert not stale.exists() and unrelated.exists()
+    job_id = submit(url, "a.png", nuclei_image(datasets_dir, 0).read_bytes()).json()["job_id"]
+    assert wait_done(url, job_id)["status"] == "done"
+    folder = tmp_path / job_id
+    assert oct(tmp_path.stat().st_mode & 0o777) == "0o700" and oct(folder.stat().st_mode & 0o777) == "0o700"
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert modes and set(modes.values()) == {"0o600"}, modes
+    from medseg.errors import MedsegError
+    from medseg.service.app import create_app
+
+    with pytest.raises(MedsegError, match="in use by another medseg service process"):
+        create_app(predictor, ServiceSettings(work_dir=tmp_path))  # its start-up purge would delete live jobs
+
+
+def _named_series_zip(datasets_dir: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted((datasets_dir / "dicom_ct_series" / "dicom").iterdir())[9:11]:
+            ds = pydicom.dcmread(f)
+            ds.PatientName, ds.PatientID = "Doe^Jane", "PID-4711"
+            out = io.BytesIO()
+            ds.save_as(out)
+            zf.writestr(f"series/{f.name}", out.getvalue())
+    return buf.getvalue()
+
+
+def test_dicom_seg_can_be_anonymized(service: str, datasets_dir: Path, tmp_path: Path) -> None:
+    data = _named_series_zip(datasets_dir)
+    segs = {}
+    for anonymize in ("false", "true"):
+        job_id = submit(service, "series.zip", data, anonymize=anonymize).json()["job_id"]
+        assert wait_done(service, job_id)["status"] == "done"
+        (tmp_path / f"{anonymize}.dcm").write_bytes(
+            httpx.get(f"{service}/v1/jobs/{job_id}/mask", params={"format": "dicom-seg"}).content)
+        segs[anonymize] = pydicom.dcmread(tmp_path / f"{anonymize}.dcm")
+        assert httpx.get(f"{service}/v1/jobs/{job_id}/report").json()["dicom_seg_anonymized"] == (anonymize == "true")
+    assert str(segs["false"].PatientName) == "Doe^Jane" and segs["false"].PatientID == "PID-4711"
+    anonymous = segs["true"]
+    assert str(anonymous.PatientName) != "Doe^Jane" and anonymous.PatientID != "PID-4711"
+    assert anonymous.StudyInstanceUID != segs["false"].StudyInstanceUID  # hashed UIDs
