@@ -39,6 +39,7 @@ HEX_COLOUR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 DEFAULT_COLORS = ["#000000", "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
                   "#bcf60c", "#fabebe", "#008080", "#e6beff"]
 RESEARCH_NOTICE = "Research use only — not for diagnosis."
+PERMISSION_HINT = "cannot read it (permission denied); the user running medseg needs read access to the whole bundle"
 log = logging.getLogger(__name__)
 
 
@@ -198,7 +199,11 @@ def save_bundle(
             (tmp / fname).write_text(text)
         if calibration is not None:
             (tmp / "calibration.json").write_text(json.dumps(calibration, indent=1))
+        # Readable by every user (mkdtemp made the folder 0700): a bundle is mounted into containers that run
+        # as another user. Weights and metadata are not secret; they are checked, not executed.
+        tmp.chmod(0o755)
         for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -240,16 +245,37 @@ def load_bundle(path: str | Path) -> Bundle:
     return _load_bundle_dir(path, shown=path.name)
 
 
+def _require_readable(path: Path, shown: str) -> None:
+    """``path`` (a folder: listable; a file: readable) or a ``BundleError`` that says it is a permission
+    problem: a folder one cannot list otherwise looks empty, and an unreadable file missing or corrupt."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        raise BundleError(f"{shown}: {PERMISSION_HINT}") from None
+
+
 def _load_bundle_dir(path: Path, shown: str) -> Bundle:
     if not path.is_dir():
         raise BundleError(f"{path}: not a bundle directory or .zip")
+    _require_readable(path, shown)
     for required in ("config.yaml", "labels.json", "preprocessing.json"):
         if not (path / required).is_file():
             raise BundleError(f"{shown}: incomplete bundle, {required} is missing")
+        _require_readable(path / required, f"{shown}/{required}")
+    for optional in ("calibration.json", "model_card.md"):
+        if (path / optional).is_file():
+            _require_readable(path / optional, f"{shown}/{optional}")
+    if (path / "weights").is_dir():
+        _require_readable(path / "weights", f"{shown}/weights")
     members = sorted((path / "weights").glob("*.safetensors"))
     if not members:
         raise BundleError(f"{shown}: bundle has no weights/*.safetensors")
     for member in members:
+        _require_readable(member, f"{shown}/weights/{member.name}")
         try:
             with safe_open(str(member), framework="pt") as f:  # parses and bounds-checks the header only
                 f.keys()

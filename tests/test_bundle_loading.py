@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ import torch
 from medseg.bundle import load_bundle, save_bundle
 from medseg.config import load_config
 from medseg.errors import BundleError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _save(path: Path, *overrides: str) -> Path:
@@ -42,3 +47,51 @@ def test_hex_colours_load_and_named_config_colours_are_saved_as_hex(tmp_path: Pa
         load_bundle(path)
     named = load_bundle(_save(tmp_path / "named", "data.colors={1: red}"))
     assert named.labels[1]["color"] == "#ff0000"
+
+
+# ------------------------------------------------------------------------ permissions and clear errors
+
+def _load_without_file_permissions_override(path: Path) -> subprocess.CompletedProcess:
+    """``load_bundle(path)`` in a child that file permissions apply to (as root: without CAP_DAC_OVERRIDE)."""
+    code = ("import sys\nfrom medseg.bundle import load_bundle\nfrom medseg.errors import BundleError\n"
+            "try:\n    load_bundle(sys.argv[1])\nexcept BundleError as e:\n    print(e)\n    sys.exit(3)\n")
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+
+
+@pytest.mark.parametrize("target", [".", "weights", "weights/model.safetensors", "labels.json", "config.yaml"])
+def test_unreadable_bundle_parts_get_a_permission_message(target: str, tmp_path: Path) -> None:
+    path = _save(tmp_path / "b")
+    (path / target).chmod(0)
+    try:
+        result = _load_without_file_permissions_override(path)
+    finally:
+        (path / target).chmod(0o755 if (path / target).is_dir() else 0o644)
+    assert result.returncode == 3, (result.stdout, result.stderr[-2000:])  # a BundleError, not a traceback
+    shown = "b" if target == "." else f"b/{target}"
+    assert result.stdout.strip() == (f"{shown}: cannot read it (permission denied); the user running medseg needs "
+                                     "read access to the whole bundle"), result.stdout
+
+
+def test_weights_that_do_not_fit_the_network_are_a_bundle_error(tmp_path: Path) -> None:
+    from medseg.inference import Predictor
+    from medseg.models import build_model
+
+    cfg = load_config(None, ["model.encoder=tu-test_efficientnet", "model.pretrained=none",
+                             "model.decoder_channels=[16, 8, 8, 8, 8]", "data.labels={0: bg, 1: a}"])
+    state = build_model(cfg.model, cfg.data.input_channels, cfg.data.num_classes).state_dict()
+    other = cfg.model_copy(deep=True)
+    other.data.labels = {0: "bg", 1: "a", 2: "b"}  # three classes: the head's weights have the wrong shape
+    path = save_bundle(tmp_path / "three", other, {"fold0": state}, {"channels": 3}, "# three")
+    with pytest.raises(BundleError, match=r"^three/weights/fold0\.safetensors: the weights do not fit the network "
+                                          r"config\.yaml describes \(size mismatch for "):
+        Predictor.from_bundle(path, device="cpu")
+
+
+def test_bundles_are_written_readable_for_other_users(tmp_path: Path) -> None:
+    """The container runs as user medseg: a bundle written 0700 by another user could not be mounted and read."""
+    path = _save(tmp_path / "b")
+    modes = {str(p.relative_to(path)): oct(p.stat().st_mode & 0o777) for p in [path, *path.rglob("*")]}
+    assert modes.pop(".") == "0o755" and modes.pop("weights") == "0o755"
+    assert set(modes.values()) == {"0o644"}, modes
