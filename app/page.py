@@ -17,8 +17,10 @@ from app.sidebar import choose_files, choose_model, model_details, no_model_mess
 from app.viewer import results_view
 from medseg.bundle import RESEARCH_NOTICE
 from medseg.errors import MedsegError
+from medseg.io import MissingSlicesError
 
 log = logging.getLogger("medseg.app")
+ALLOW_MISSING_SLICES = "Segment this series anyway: slices are missing, so positions and volumes are approximate"
 
 
 def banner() -> None:
@@ -106,8 +108,19 @@ def main() -> None:
         )
         if series_uid is None:
             st.stop()
+    # Missing DICOM slices are refused unless the user says so here, knowing the slices after a gap are stacked as
+    # if adjacent. Once ticked, the box stays drawn while this upload is shown, so the choice persists.
+    allow_key = f"allow_missing_{upload.short_hash}"
+    allow_missing = bool(st.session_state.get(allow_key))
+    if allow_missing:
+        st.checkbox(ALLOW_MISSING_SLICES, key=allow_key)
     try:
-        loaded = session.read(stage, settings, series_uid)
+        loaded = session.read(stage, settings, series_uid, allow_missing)
+    except MissingSlicesError as e:
+        st.error(markdown_text(str(e)), icon=":material/error:")
+        st.checkbox(ALLOW_MISSING_SLICES, key=allow_key)
+        st.stop()
+        return
     except MedsegError as e:
         input_error(str(e))
         return

@@ -52,13 +52,14 @@ def staged(upload: UploadedBytes, settings: AppSettings) -> StagedUpload:
     return new
 
 
-def read(stage: StagedUpload, settings: AppSettings, series_uid: str | None) -> ReadResult:
-    """The scan (read once per upload and series)."""
-    key = (stage.upload.sha256, series_uid)
+def read(stage: StagedUpload, settings: AppSettings, series_uid: str | None,
+         allow_missing_slices: bool = False) -> ReadResult:
+    """The scan (read once per upload, series and missing-slice choice)."""
+    key = (stage.upload.sha256, series_uid, allow_missing_slices)
     cached = st.session_state.get("_read")
     if cached is not None and cached[0] == key:
         return cached[1]
-    result = read_staged(stage, settings, series_uid)
+    result = read_staged(stage, settings, series_uid, allow_missing_slices)
     st.session_state["_read"] = (key, result)
     return result
 

@@ -162,8 +162,10 @@ class ReadResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | None = None) -> ReadResult:
-    """Read the staged upload; ``ScanReadWarning``s (missing slices, uneven spacing...) are returned as text.
+def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | None = None,
+                allow_missing_slices: bool = False) -> ReadResult:
+    """Read the staged upload; ``ScanReadWarning``s (uneven spacing, slices missing when allowed...) are returned
+    as text. A DICOM series with missing slices raises ``MissingSlicesError`` unless ``allow_missing_slices``.
 
     Raises ``MedsegError`` subclasses with one-line messages (``MultipleSeriesError`` lists the series).
     """
@@ -179,6 +181,7 @@ def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | N
                 max_pixels=settings.max_pixels,
                 archive_limits=settings.archive_limits,
                 untrusted=True,
+                allow_missing_slices=allow_missing_slices,
             )
         except MedsegError as e:
             raise staged.names.renamed(e) from None

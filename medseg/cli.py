@@ -126,6 +126,9 @@ def predict(
     uncertainty: Annotated[bool, typer.Option("--uncertainty", help="Also write the uncertainty map")] = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="DICOM inputs: also write a DICOM SEG")] = False,
     anonymize: Annotated[bool, typer.Option("--anonymize", help="De-identify the DICOM SEG (PS3.15 basic)")] = False,
+    allow_missing_slices: Annotated[bool, typer.Option(
+        "--allow-missing-slices",
+        help="Segment DICOM series with gaps or unreadable slices anyway (positions and volumes approximate)")] = False,
 ) -> None:
     """Segment scans: one mask per input (PNG for 2D images, NIfTI for volumes), plus overlays for 2D."""
     from rich.progress import Progress
@@ -153,7 +156,7 @@ def predict(
         task = bar.add_task("predicting", total=len(items))
         for item in items:
             try:
-                scan = read_scan(item)
+                scan = read_scan(item, allow_missing_slices=allow_missing_slices)
                 pred = predictor.predict_scan(scan)
                 write_prediction_outputs(
                     scan, pred, predictor.labels, out, name=stems[item], label_map=predictor.cfg.data.label_map,

@@ -5,7 +5,7 @@ Public API (see each function's docstring for shapes):
     write_mask, write_overlay, write_probabilities, write_scan          (writers)
     render_overlay                                                       (display)
     extracted_zip, extract_zip_safely, safe_extract_zip, ArchiveLimits  (safe zip handling)
-    Scan, Geometry, DicomSeriesInfo, MultipleSeriesError, ScanReadWarning
+    Scan, Geometry, DicomSeriesInfo, MultipleSeriesError, MissingSlicesError, ScanReadWarning
 
 Safety limits (decompression bombs, hostile archives). Every reader checks sizes from the header before it
 decodes anything, and every zip is vetted before anything is extracted; each limit is a keyword argument of
@@ -38,7 +38,7 @@ from medseg.io.archive import (
     safe_extract_zip,
 )
 from medseg.io.checks import MAX_IMAGE_PIXELS, MAX_VOXELS, ScanReadWarning
-from medseg.io.dicom import DicomSeriesInfo, MultipleSeriesError
+from medseg.io.dicom import DicomSeriesInfo, MissingSlicesError, MultipleSeriesError
 from medseg.io.formats import ScanFormat, detect_format
 from medseg.io.geometry import Geometry, Scan
 from medseg.io.overlay import render_overlay
@@ -55,6 +55,7 @@ __all__ = [
     "DicomSeriesInfo",
     "ExtractedArchive",
     "Geometry",
+    "MissingSlicesError",
     "MultipleSeriesError",
     "Scan",
     "ScanFormat",

@@ -30,7 +30,9 @@ from medseg.io.checks import (
     safe_reason,
 )
 from medseg.io.dicom import (
+    MISSING_SLICES_ADVICE,
     DicomSeriesInfo,
+    MissingSlicesError,
     choose_series,
     discover_series,
     looks_like_dicom_candidate,
@@ -64,6 +66,7 @@ class _Caps:
     archive_limits: ArchiveLimits | None
     untrusted: bool = False  # an upload: only self-contained files (see read_scan)
     admit: Admit | None = None  # asked before decoding (see read_scan)
+    allow_missing_slices: bool = False  # read DICOM series with gaps or unreadable slices (see read_scan)
 
 
 @one_line_errors
@@ -76,6 +79,7 @@ def read_scan(
     archive_limits: ArchiveLimits | None = None,
     untrusted: bool = False,
     admit: Admit | None = None,
+    allow_missing_slices: bool = False,
 ) -> Scan:
     """Read a scan with its geometry.
 
@@ -101,10 +105,14 @@ def read_scan(
     called once the cap passed, still before decoding; it may raise to refuse (the service checks the shape
     and reserves memory for the scan).
 
+    A DICOM series with gaps between slice positions, or beside ``.dcm`` files that cannot be parsed, raises
+    ``MissingSlicesError``: stacked anyway, the mask would be shifted against the anatomy. With
+    ``allow_missing_slices`` it is read (the unreadable files left out) with a ``ScanReadWarning``.
+
     Raises ``ScanReadError`` (unreadable, corrupt, truncated, too large), ``UnsupportedFormatError``
     (4D, vector volumes, unknown formats) or ``UnsafeArchiveError``, each naming the file and the problem.
     """
-    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted, admit)
+    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted, admit, allow_missing_slices)
     return finish_scan(_read_source(source, series_uid, caps, as_mask=False))
 
 
@@ -241,7 +249,8 @@ def _read_source(source: ScanSource, series_uid: str | None, caps: _Caps, *, as_
         if not series:
             raise ScanReadError(f"{path.name}: not a readable DICOM image file")
         return read_dicom_series(
-            choose_series(series, series_uid, path.name), path.name, max_voxels=caps.max_voxels, admit=caps.admit
+            choose_series(series, series_uid, path.name), path.name, max_voxels=caps.max_voxels, admit=caps.admit,
+            allow_missing_slices=caps.allow_missing_slices,
         )
     if series_uid is not None:
         raise ScanReadError(f"{path.name}: series_uid {series_uid!r} given, but this is not a DICOM source")
@@ -298,14 +307,17 @@ def _read_file_set(
     series, unreadable = discover_series(_dicom_candidates([f for f in files if f not in image_set]))
     if series:
         if unreadable:
+            what = f"{len(unreadable)} .dcm file(s) could not be parsed"
+            if not caps.allow_missing_slices:
+                raise MissingSlicesError(
+                    f"{name}: {what} (e.g. {unreadable[0].name}), a slice of the series perhaps; {MISSING_SLICES_ADVICE}"
+                )
             warnings.warn(
-                f"{name}: {len(unreadable)} .dcm file(s) could not be parsed and were skipped "
-                f"(e.g. {unreadable[0].name})",
-                ScanReadWarning,
-                stacklevel=2,
+                f"{name}: {what} and were skipped (e.g. {unreadable[0].name})", ScanReadWarning, stacklevel=2
             )
         return read_dicom_series(
-            choose_series(series, series_uid, name), name, max_voxels=caps.max_voxels, admit=caps.admit
+            choose_series(series, series_uid, name), name, max_voxels=caps.max_voxels, admit=caps.admit,
+            allow_missing_slices=caps.allow_missing_slices,
         )
     if series_uid is not None:
         raise ScanReadError(f"{name}: series_uid {series_uid!r} given, but no DICOM series was found")

@@ -1,8 +1,8 @@
 """The FastAPI app: upload a scan -> a job; poll the job; fetch its mask, uncertainty and measurements.
 
 ```
-POST /v1/segment                 multipart: file (scan; DICOM series as one .zip), tta?, series_uid?, anonymize?
-                                 -> 202 {job_id}
+POST /v1/segment                 multipart: file (scan; DICOM series as one .zip), tta?, series_uid?, anonymize?,
+                                 allow_missing_slices?  -> 202 {job_id}
 GET  /v1/jobs/{id}               {job_id, status: queued|running|done|failed, progress 0..1, error}
 GET  /v1/jobs/{id}/mask          ?format=nifti|png|dicom-seg  (class indices on the scan's grid)
 GET  /v1/jobs/{id}/uncertainty   ?format=nifti|npz            (normalised entropy in [0, 1])
@@ -230,6 +230,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         series_uid: Annotated[str | None, Form(description="Which DICOM series when the zip holds several")] = None,
         anonymize: Annotated[bool, Form(description="De-identify the DICOM SEG (patient and study attributes, "
                                                     "hashed UIDs)")] = False,
+        allow_missing_slices: Annotated[bool, Form(description="Segment a DICOM series with gaps or unreadable "
+                                                               "slices anyway (refused otherwise)")] = False,
     ) -> JSONResponse:
         """Queue a scan for segmentation; answers 202 with the job id at once (429 when the queue is full)."""
         if jobs.is_full():  # cheap refusal before reading anything
@@ -246,7 +248,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
 
                 try:
                     scan = read_upload(upload, series_uid, max_voxels=voxel_cap,
-                                       max_pixels=min(voxel_cap, MAX_IMAGE_PIXELS), admit=admit)
+                                       max_pixels=min(voxel_cap, MAX_IMAGE_PIXELS), admit=admit,
+                                       allow_missing_slices=allow_missing_slices)
                 except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
                     raise

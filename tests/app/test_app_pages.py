@@ -193,13 +193,21 @@ def test_dicom_zip_with_two_series_asks_which_then_offers_dicom_seg(app_env: Pat
                                     "Bone (W 2500 / L 480)", "Brain (W 80 / L 40)", "Liver (W 150 / L 90)"]
 
 
-def test_dicom_with_a_missing_slice_warns(app_env: Path, datasets_dir: Path) -> None:
+def test_dicom_with_a_missing_slice_is_refused_unless_the_user_allows_it(app_env: Path, datasets_dir: Path) -> None:
     data = dicom_zip(datasets_dir, [0, 1, 2, 4, 5])  # slice 3 left out
     at = _upload(_app(), "gap.zip", data, "application/zip")
+    assert not at.exception
+    assert len(at.error) == 1 and "gap.zip: missing slices" in at.error[0].value
+    assert "result" not in at.session_state and _runs(at) == 0  # no silently shifted mask
+    at.checkbox(key=next(k for k in _keys(at, "checkbox") if k.startswith("allow_missing_"))).check()
+    at.run()
     _assert_clean(at)
     notes = [w.value for w in at.warning if "missing slices" in w.value]
     assert len(notes) == 1 and "gap.zip" in notes[0]
     assert at.session_state["result"].mask.shape == (5, 512, 512)
+    at.run()  # the choice persists on the next rerun
+    _assert_clean(at)
+    assert _runs(at) == 1
 
 
 def test_corrupt_file_gets_a_one_line_error_naming_it(app_env: Path) -> None:

@@ -428,3 +428,14 @@ def test_dicom_seg_can_be_anonymized(service: str, datasets_dir: Path, tmp_path:
     anonymous = segs["true"]
     assert str(anonymous.PatientName) != "Doe^Jane" and anonymous.PatientID != "PID-4711"
     assert anonymous.StudyInstanceUID != segs["false"].StudyInstanceUID  # hashed UIDs
+
+
+def test_dicom_series_with_a_gap_is_refused_unless_allowed(service: str, datasets_dir: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in [sorted((datasets_dir / "dicom_ct_series" / "dicom").iterdir())[i] for i in (9, 10, 11, 13)]:
+            zf.write(f, f"series/{f.name}")
+    r = submit(service, "series.zip", buf.getvalue())
+    assert r.status_code == 422 and "missing slices" in r.json()["error"] and "allow_missing_slices" in r.json()["error"]
+    allowed = submit(service, "series.zip", buf.getvalue(), allow_missing_slices="true")
+    assert allowed.status_code == 202 and wait_done(service, allowed.json()["job_id"])["status"] == "done"
