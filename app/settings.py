@@ -6,6 +6,7 @@ and with Streamlit's ``server.maxUploadSize`` (``medseg app`` passes ``upload_mb
 Environment:
     MEDSEG_MODELS_DIR      folder with model bundles (default ``models``, relative to the working directory)
     MEDSEG_INFERENCE_URL   use the remote inference service at this URL instead of in-process models
+    MEDSEG_INFERENCE_TOKEN that service's API token, when it has one (read by RemotePredictor)
     MEDSEG_AUDIT_LOG       file that receives the audit log (JSON lines); unset: the log goes to stderr
     MEDSEG_MAX_UPLOAD_MB   largest upload, per file and in total (default 1024)
     MEDSEG_MAX_VOXELS      largest scan the server will decode (default 200 million voxels)

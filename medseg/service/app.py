@@ -11,7 +11,9 @@ GET  /v1/models                  the loaded model: name, weights hash, labels, d
 GET  /health                     liveness + queue depth
 GET  /openapi.json, /docs        schema
 ```
-Errors are JSON ``{"error": "..."}``: 413 too large (upload bytes, or a header announcing more voxels than
+POSTs need the ``X-Medseg-Client`` header, and with an API token every /v1 request its bearer token
+(``medseg.service.guards``). Errors are JSON ``{"error": "..."}``: 401 no/wrong token, 403 no client header,
+413 too large (upload bytes, or a header announcing more voxels than
 ``max_voxels``), 415 unknown type, 422 unreadable scan, 429 queue full or its memory budget taken (with
 Retry-After), 404 unknown job, 409 job not done (or failed), 400 a format the job's input does not allow.
 """
@@ -33,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medseg.bundle import RESEARCH_NOTICE
 from medseg.errors import MedsegError, ScanTooLargeError, UnsupportedFormatError
@@ -45,6 +48,7 @@ from medseg.service.budget import (
     default_voxel_cap,
     machine_memory_bytes,
 )
+from medseg.service.guards import LOOPBACK_HOSTS, CallerGuard
 from medseg.service.jobs import TTA_MODES, Job, JobQueue, JobStatus, QueueFullError
 from medseg.service.limits import BodySizeLimit
 from medseg.service.results import (
@@ -197,7 +201,10 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         title="medseg inference service", version=API_VERSION, lifespan=lifespan,
         description=f"Segment medical scans with one medseg model bundle. {RESEARCH_NOTICE}",
     )
+    # Outermost last: the Host check runs first, then the caller check, then the body limits.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(CallerGuard, api_token=settings.api_token)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.trusted_hosts or LOOPBACK_HOSTS))
     app.state.jobs = jobs
     app.state.predictor = predictor
     app.state.budget = budget

@@ -7,11 +7,33 @@ More throughput comes from more processes (one per GPU) or replicas behind a pro
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import logging
 import os
 from pathlib import Path
 
 from medseg.errors import BundleError
 from medseg.service.settings import ServiceSettings
+
+log = logging.getLogger("medseg.service")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def with_default_hosts(settings: ServiceSettings, host: str) -> ServiceSettings:
+    """Without ``trusted_hosts``: loopback names when listening on loopback, else any Host (a warning says how
+    to close it: behind a proxy or a DNS name, set MEDSEG_SERVICE_TRUSTED_HOSTS)."""
+    if settings.trusted_hosts is not None or _is_loopback(host):
+        return settings
+    log.warning("listening on %s and accepting any Host header; set MEDSEG_SERVICE_TRUSTED_HOSTS to the names "
+                "clients use (e.g. gpu-1,gpu-1.example.org) to refuse DNS-rebinding pages", host)
+    return dataclasses.replace(settings, trusted_hosts=("*",))
 
 
 def app_from_env():
@@ -31,7 +53,8 @@ def serve(bundle: Path, host: str = "127.0.0.1", port: int = 8000, settings: Ser
 
     from medseg.service.app import create_app
 
-    app = create_app(bundle, settings or ServiceSettings.from_env())
+    settings = with_default_hosts(settings or ServiceSettings.from_env(), host)
+    app = create_app(bundle, settings)
     # The body cap lives in the app; uvicorn's own limits stay at their defaults. Access logs show paths with
     # job ids only (uploads are multipart bodies, never in the URL), so they stay on.
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

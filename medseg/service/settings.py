@@ -21,7 +21,13 @@ class ServiceSettings:
     announcing more gets 413 before decoding); None: sized from the model and the machine's memory.
     ``memory_budget_bytes``: decoded bytes all queued and running jobs may hold (a scan that does not fit now
     gets 429 with Retry-After); None: a quarter of the machine's memory. ``job_timeout_s``: compute time one job
-    may take; past it the job fails with a clear error and the worker takes the next one."""
+    may take; past it the job fails with a clear error and the worker takes the next one.
+
+    Callers (see ``medseg.service.guards``): ``trusted_hosts``: Host header values accepted (comma-separated in
+    the environment, ``*.example.org`` wildcards, ``*`` for any); None: the loopback names, or any host when
+    ``medseg serve`` listens beyond loopback (with a warning). ``api_token``: when set, every /v1 request needs
+    ``Authorization: Bearer <token>``. ``read_timeout_s``: longest pause while a request body arrives;
+    ``upload_timeout_s``: longest time a whole request body may take (a half-sent upload gets 408)."""
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_queued: int = 16
@@ -32,6 +38,10 @@ class ServiceSettings:
     max_voxels: int | None = None
     memory_budget_bytes: int | None = None
     job_timeout_s: float = 600.0
+    trusted_hosts: tuple[str, ...] | None = None
+    api_token: str | None = None
+    read_timeout_s: float = 30.0
+    upload_timeout_s: float = 900.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServiceSettings:

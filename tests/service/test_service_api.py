@@ -21,6 +21,7 @@ from medseg.io import read_mask, read_scan
 from medseg.service.settings import ServiceSettings
 
 TIMEOUT = 120.0  # seconds a test waits for one job at most (CPU, shared machine)
+CLIENT = {"X-Medseg-Client": "tests"}  # the service refuses POSTs without it (cross-site form posts)
 
 
 def nuclei_image(datasets_dir: Path, index: int = 0) -> Path:
@@ -28,7 +29,7 @@ def nuclei_image(datasets_dir: Path, index: int = 0) -> Path:
 
 
 def submit(url: str, name: str, data: bytes, **form: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/segment", files={"file": (name, data)}, data=form, timeout=60)
+    return httpx.post(f"{url}/v1/segment", files={"file": (name, data)}, data=form, timeout=60, headers=CLIENT)
 
 
 def wait_done(url: str, job_id: str) -> dict[str, Any]:
@@ -169,7 +170,7 @@ def test_corrupt_upload_gets_json_error_naming_the_problem(service: str, dataset
     r = submit(service, "study.zip", buf.getvalue())
     assert r.status_code in (415, 422) and r.json()["error"].startswith("upload.zip")
 
-    r = httpx.post(f"{service}/v1/segment", data={"tta": "none"})
+    r = httpx.post(f"{service}/v1/segment", data={"tta": "none"}, headers=CLIENT)
     assert r.status_code == 422 and "file" in r.json()["error"]
 
 
@@ -190,7 +191,7 @@ def test_oversize_upload_gets_413_json(service: str) -> None:
         yield f"\r\n--{boundary}--\r\n".encode()
 
     r = httpx.post(f"{service}/v1/segment", content=body(), timeout=60,
-                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+                   headers={"content-type": f"multipart/form-data; boundary={boundary}", **CLIENT})
     assert r.status_code == 413 and "limit" in r.json()["error"]
     assert httpx.get(f"{service}/health").status_code == 200  # and the server carries on
 
@@ -439,3 +440,35 @@ def test_dicom_series_with_a_gap_is_refused_unless_allowed(service: str, dataset
     assert r.status_code == 422 and "missing slices" in r.json()["error"] and "allow_missing_slices" in r.json()["error"]
     allowed = submit(service, "series.zip", buf.getvalue(), allow_missing_slices="true")
     assert allowed.status_code == 202 and wait_done(service, allowed.json()["job_id"])["status"] == "done"
+
+
+# ----------------------------------------------------------------------------------- callers (issue 15)
+
+
+def test_posts_without_the_client_header_and_foreign_hosts_are_refused(service: str, datasets_dir: Path) -> None:
+    data = nuclei_image(datasets_dir, 0).read_bytes()
+    # What a web page elsewhere can send without a CORS preflight: a form post, no custom header.
+    r = httpx.post(f"{service}/v1/segment", files={"file": ("a.png", data)}, timeout=60)
+    assert r.status_code == 403 and "X-Medseg-Client" in r.json()["error"]
+    # A DNS-rebinding page makes the browser send the attacker's host name.
+    r = httpx.post(f"{service}/v1/segment", files={"file": ("a.png", data)}, timeout=60,
+                   headers={**CLIENT, "Host": "evil.example"})
+    assert r.status_code == 400
+    assert httpx.get(f"{service}/health", headers={"Host": "evil.example"}).status_code == 400
+    assert submit(service, "a.png", data).status_code == 202  # the same upload from a client
+
+
+def test_api_token_guards_every_v1_request(predictor: Predictor, datasets_dir: Path, start_service,
+                                           tmp_path: Path) -> None:
+    from medseg.service.client import RemotePredictor
+
+    url = start_service(predictor, ServiceSettings(api_token="s3cret-token", work_dir=tmp_path))
+    data = nuclei_image(datasets_dir, 0).read_bytes()
+    r = submit(url, "a.png", data)
+    assert r.status_code == 401 and "API token" in r.json()["error"]
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{url}/health").status_code == 200  # health checks need no token
+    with RemotePredictor(url, token="s3cret-token", poll_interval=0.05) as remote:
+        pred = remote.predict_scan(read_scan(nuclei_image(datasets_dir, 0)))
+    assert pred.mask.shape == read_scan(nuclei_image(datasets_dir, 0)).spatial_shape
