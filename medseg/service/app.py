@@ -13,7 +13,7 @@ GET  /openapi.json, /docs        schema
 ```
 POSTs need the ``X-Medseg-Client`` header, and with an API token every /v1 request its bearer token
 (``medseg.service.guards``). Errors are JSON ``{"error": "..."}``: 401 no/wrong token, 403 no client header,
-413 too large (upload bytes, or a header announcing more voxels than
+408 body not sent in time, 413 too large (upload bytes, or a header announcing more voxels than
 ``max_voxels``), 415 unknown type, 422 unreadable scan, 429 queue full or its memory budget taken (with
 Retry-After), 404 unknown job, 409 job not done (or failed), 400 a format the job's input does not allow.
 """
@@ -50,7 +50,7 @@ from medseg.service.budget import (
 )
 from medseg.service.guards import LOOPBACK_HOSTS, CallerGuard
 from medseg.service.jobs import TTA_MODES, Job, JobQueue, JobStatus, QueueFullError
-from medseg.service.limits import BodySizeLimit
+from medseg.service.limits import RequestBodyLimits
 from medseg.service.results import (
     MASK_DICOM_SEG,
     MASK_NIFTI,
@@ -202,7 +202,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         description=f"Segment medical scans with one medseg model bundle. {RESEARCH_NOTICE}",
     )
     # Outermost last: the Host check runs first, then the caller check, then the body limits.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestBodyLimits, max_bytes=settings.max_upload_bytes, read_timeout_s=settings.read_timeout_s,
+                       upload_timeout_s=settings.upload_timeout_s)
     app.add_middleware(CallerGuard, api_token=settings.api_token)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.trusted_hosts or LOOPBACK_HOSTS))
     app.state.jobs = jobs

@@ -472,3 +472,43 @@ def test_api_token_guards_every_v1_request(predictor: Predictor, datasets_dir: P
     with RemotePredictor(url, token="s3cret-token", poll_interval=0.05) as remote:
         pred = remote.predict_scan(read_scan(nuclei_image(datasets_dir, 0)))
     assert pred.mask.shape == read_scan(nuclei_image(datasets_dir, 0)).spatial_shape
+
+
+def _half_sent_upload(url: str, first: bytes, drip: bytes = b"", pause_s: float = 0.0, chunks: int = 0) -> bytes:
+    """POST headers promising 100 kB, ``first``, then ``chunks`` x ``drip`` ``pause_s`` apart; the answer's bytes
+    (read until the server closes the connection)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Medseg-Client: tests\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n" + first)
+        try:
+            for _ in range(chunks):
+                time.sleep(pause_s)
+                sock.sendall(drip)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed: read what it said
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+MULTIPART_START = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+
+
+def test_half_sent_upload_times_out_with_408(predictor: Predictor, start_service, tmp_path: Path) -> None:
+    url = start_service(predictor, ServiceSettings(read_timeout_s=1.0, upload_timeout_s=3.0, work_dir=tmp_path))
+    started = time.monotonic()
+    answer = _half_sent_upload(url, MULTIPART_START + b"\x89PNG")  # then silence
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"read_timeout_s" in answer and time.monotonic() - started < 25
+    # A slow drip that never pauses long enough for the read timeout still ends at the upload timeout.
+    answer = _half_sent_upload(url, MULTIPART_START, b"x", pause_s=0.5, chunks=12)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    # A body the app answers early (not multipart at all): answered, and the connection closed, not held open.
+    answer = _half_sent_upload(url, b"not multipart")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert httpx.get(f"{url}/health").status_code == 200
