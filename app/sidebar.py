@@ -11,7 +11,7 @@ import streamlit as st
 from app.escape import markdown_text
 from app.predictors import TTA_LABELS, TTA_MODES, ModelInfo, list_bundles, load_bundle_cached
 from app.settings import AppSettings
-from app.uploads import MASK_TYPES, SCAN_TYPES, UploadedBytes
+from app.uploads import MASK_TYPES, SCAN_TYPES, UploadedBytes, UploadError, collect_upload
 from medseg.bundle import Bundle
 from medseg.errors import MedsegError
 
@@ -107,10 +107,15 @@ def choose_files(settings: AppSettings) -> tuple[UploadedBytes | None, tuple[str
         help="A label image on the same grid as the scan, to compare with the model (Dice, HD95).",
     )
     st.caption(settings.limits_text())
-    return _remembered_upload(chosen), ((truth_file.name, truth_file.getvalue()) if truth_file is not None else None)
+    truth = (truth_file.name, truth_file.getvalue()) if truth_file is not None else None
+    try:
+        return _remembered_upload(chosen, settings), truth
+    except UploadError as e:
+        st.error(markdown_text(e), icon=":material/error:")
+        return None, truth
 
 
-def _remembered_upload(chosen: list) -> UploadedBytes | None:
+def _remembered_upload(chosen: list, settings: AppSettings) -> UploadedBytes | None:
     """Hash the upload once, not on every rerun (hundreds of MB of DICOM take a second to hash)."""
     if not chosen:
         return None
@@ -118,6 +123,6 @@ def _remembered_upload(chosen: list) -> UploadedBytes | None:
     remembered = st.session_state.get("_upload_bytes")
     if remembered is not None and remembered[0] == ids:
         return remembered[1]
-    upload = UploadedBytes.from_files([(f.name, f.getvalue()) for f in chosen])
+    upload = collect_upload(chosen, settings)
     st.session_state["_upload_bytes"] = (ids, upload)
     return upload

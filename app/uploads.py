@@ -14,8 +14,10 @@ import shutil
 import tempfile
 import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +62,22 @@ class UploadedBytes:
     @property
     def short_hash(self) -> str:
         return self.sha256[:12]
+
+
+def collect_upload(files: Iterable[Any], settings: AppSettings) -> UploadedBytes:
+    """The chosen files (Streamlit ``UploadedFile``s: ``name``, ``size``, ``getvalue()``) as one upload, checking the
+    total against the cap file by file, from their sizes, before any is copied: ``UploadError`` at the first file
+    that goes past it (Streamlit caps each file; the total across a folder of files is the app's to check)."""
+    total, collected = 0, []
+    for f in files:
+        total += int(f.size)
+        if total > settings.upload_bytes:
+            raise UploadError(
+                f"upload of more than {total / 1024**2:,.0f} MB is above this server's limit of "
+                f"{settings.upload_mb:,} MB; upload fewer files"
+            )
+        collected.append((f.name, f.getvalue()))
+    return UploadedBytes.from_files(collected)
 
 
 def _safe_name(name: str) -> str:

@@ -150,3 +150,27 @@ def test_voxel_cap_is_checked_from_the_header_before_decoding(monkeypatch: pytes
     scan = read_scan(np_image(tmp_path))
     with pytest.raises(ScanTooLargeError, match=r"^bomb\.png: "):
         read_ground_truth("bomb.png", bomb, scan, LABELS, {}, settings)
+
+
+def test_total_upload_size_is_checked_as_files_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: the total was checked only after every file had been copied into one upload."""
+    from app.uploads import collect_upload
+
+    class Chosen:  # what Streamlit's UploadedFile offers: its size without reading, and its bytes
+        copied: list[str] = []
+
+        def __init__(self, name: str, size: int):
+            self.name, self.size = name, size
+
+        def getvalue(self) -> bytes:
+            Chosen.copied.append(self.name)
+            return bytes(self.size)
+
+    monkeypatch.setenv("MEDSEG_MAX_UPLOAD_MB", "10")
+    files = [Chosen(f"IM{i:04d}.dcm", 4 * 1024**2) for i in range(6)]
+    with pytest.raises(UploadError, match=r"above this server's limit of 10 MB; upload fewer files"):
+        collect_upload(files, load_settings())
+    assert Chosen.copied == ["IM0000.dcm", "IM0001.dcm"]  # the third passes the cap: nothing more is copied
+    Chosen.copied.clear()
+    upload = collect_upload(files[:2], load_settings())
+    assert upload.total_bytes == 8 * 1024**2 and len(Chosen.copied) == 2
