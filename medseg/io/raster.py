@@ -69,8 +69,10 @@ def read_raster(
                 array = _read_16bit_colour(path)
             else:
                 array = _pil_to_array(oriented, name, as_mask=as_mask)
-    except Image.DecompressionBombError as e:
-        raise ScanTooLargeError(f"{name}: image too large ({safe_reason(e, path)})") from None
+    except Image.DecompressionBombError as e:  # Pillow's own check at open, for images far above its limit
+        raise ScanTooLargeError(
+            f"{name}: image too large, above the cap of {max_pixels:,} pixels ({safe_reason(e, path)})"
+        ) from None
     except UnidentifiedImageError:
         raise ScanReadError(f"{name}: not a readable image (unknown or corrupt format)") from None
     except _CORRUPT_DATA_ERRORS as e:
