@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import gzip
 import io
+import re
 import zipfile
 from pathlib import Path
 
@@ -109,19 +110,23 @@ def test_ground_truth_values_map_like_the_training_masks(datasets_dir: Path, set
         read_ground_truth(truth_file.name, truth_file.read_bytes(), scan, two_class, {0: 0, 255: 1}, settings)
 
 
+def _refused_as_scan_and_as_truth(name: str, data: bytes, settings, folder: Path, error: type, reason: str) -> None:
+    """The upload is refused by name, for ``reason``, both as the scan and as a ground truth."""
+    stage = StagedUpload(UploadedBytes.from_files([(name, data)]), settings)
+    with pytest.raises(error, match=rf"^{re.escape(name)}: .*{reason}"):
+        read_staged(stage, settings)
+    stage.close()
+    with pytest.raises(error, match=rf"^{re.escape(name)}: .*{reason}"):
+        read_ground_truth(name, data, read_scan(np_image(folder)), LABELS, {}, settings)
+
+
 def test_uploaded_headers_cannot_read_server_files(settings, tmp_path: Path) -> None:
     secret = tmp_path / "secret.bin"
     secret.write_bytes(bytes(range(1, 17)))
     header = ("ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\n"
               f"ElementDataFile: {secret}\n").encode()
-    stage = StagedUpload(UploadedBytes.from_files([("scan.mha", header)]), settings)
-    with pytest.raises(UnsupportedFormatError, match=r"^scan\.mha: .*inside the file"):
-        read_staged(stage, settings)
-    stage.close()
     # As a ground truth the secret's bytes would come back as "values" in the error message.
-    scan = read_scan(np_image(tmp_path))
-    with pytest.raises(UnsupportedFormatError, match=r"^truth\.mha: .*inside the file"):
-        read_ground_truth("truth.mha", header, scan, LABELS, {}, settings)
+    _refused_as_scan_and_as_truth("scan.mha", header, settings, tmp_path, UnsupportedFormatError, "inside the file")
     assert "mhd" not in SCAN_TYPES and "raw" not in SCAN_TYPES  # detached pairs are not offered
 
 
@@ -142,14 +147,8 @@ def test_voxel_cap_is_checked_from_the_header_before_decoding(monkeypatch: pytes
     buf = io.BytesIO()
     Image.new("L", (9400, 9400)).save(buf, format="PNG")
     bomb = buf.getvalue()[:1024]  # a valid header over a cut stream: only the header can be read
-    settings = load_settings()
-    stage = StagedUpload(UploadedBytes.from_files([("bomb.png", bomb)]), settings)
-    with pytest.raises(ScanTooLargeError, match=r"^bomb\.png: header announces 88,360,000 samples"):
-        read_staged(stage, settings)
-    stage.close()
-    scan = read_scan(np_image(tmp_path))
-    with pytest.raises(ScanTooLargeError, match=r"^bomb\.png: "):
-        read_ground_truth("bomb.png", bomb, scan, LABELS, {}, settings)
+    _refused_as_scan_and_as_truth("bomb.png", bomb, load_settings(), tmp_path, ScanTooLargeError,
+                                  "header announces 88,360,000 samples")
 
 
 def test_total_upload_size_is_checked_as_files_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -69,14 +69,6 @@ METAIMAGE_SYNTAXES = {
 }
 
 
-@pytest.mark.parametrize("syntax", list(METAIMAGE_SYNTAXES))
-def test_metaimage_reference_outside_the_folder_is_refused_in_every_syntax(syntax: str, secret: Path,
-                                                                          tmp_path: Path) -> None:
-    path = _mha(tmp_path / "scan", METAIMAGE_SYNTAXES[syntax].format(secret))
-    error = _secret_not_read(path)
-    assert isinstance(error, UnsupportedFormatError) and "elsewhere" in str(error)
-
-
 @pytest.mark.parametrize("variant", ["long header", "CRLF", "mhd", "LIST", "pattern"])
 def test_metaimage_reference_outside_the_folder_is_refused_in_any_header(variant: str, secret: Path,
                                                                         tmp_path: Path) -> None:
@@ -105,10 +97,12 @@ NRRD_SYNTAXES = {
 }
 
 
-@pytest.mark.parametrize("syntax", list(NRRD_SYNTAXES))
-def test_nrrd_reference_outside_the_folder_is_refused_in_every_syntax(syntax: str, secret: Path,
-                                                                     tmp_path: Path) -> None:
-    path = _nrrd(tmp_path / "scan", NRRD_SYNTAXES[syntax].format(secret))
+@pytest.mark.parametrize(("writer", "line"), [(_mha, line) for line in METAIMAGE_SYNTAXES.values()]
+                         + [(_nrrd, line) for line in NRRD_SYNTAXES.values()],
+                         ids=[f"mha {k}" for k in METAIMAGE_SYNTAXES] + [f"nrrd {k}" for k in NRRD_SYNTAXES])
+def test_reference_outside_the_folder_is_refused_in_every_syntax(writer, line: str, secret: Path,
+                                                                 tmp_path: Path) -> None:
+    path = writer(tmp_path / "scan", line.format(secret))
     error = _secret_not_read(path)
     assert isinstance(error, UnsupportedFormatError) and "elsewhere" in str(error)
 
