@@ -6,7 +6,8 @@ threads would only add contention; scale out with more processes/replicas (see R
 Time limit: the model runs in the worker thread, which Python cannot interrupt from outside, so cancellation
 is cooperative. A job's deadline is checked by its progress callback (after every model pass: each TTA view,
 ensemble member and 2.5D slice batch) and by a forward pre-hook on every ensemble member (before every
-network call: every tile batch of a large image). Past ``job_timeout_s`` the check raises ``JobTimeoutError``:
+network call: every tile batch of a large image; members run through ``torch.compile`` may skip the hook, and
+then stop at the next pass). Past ``job_timeout_s`` the check raises ``JobTimeoutError``:
 the job fails with that message and the worker takes the next job. Work between two checks (post-processing,
 writing the result files) is bounded by the voxel cap.
 """
