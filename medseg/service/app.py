@@ -129,7 +129,9 @@ class HealthOut(BaseModel):
     job_timeout_s: float
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 422, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429)
+}
 
 
 def _model_info(predictor: Any, model_card: str) -> ModelOut:
