@@ -26,7 +26,8 @@ class ServiceSettings:
     Callers (see ``medseg.service.guards``): ``trusted_hosts``: Host header values accepted (comma-separated in
     the environment, ``*.example.org`` wildcards, ``*`` for any); None: the loopback names, or any host when
     ``medseg serve`` listens beyond loopback (with a warning). ``api_token``: when set, every /v1 request needs
-    ``Authorization: Bearer <token>``. ``read_timeout_s``: longest pause while a request body arrives;
+    ``Authorization: Bearer <token>``. ``read_timeout_s``: longest wait for a request's headers (from the
+    connection or the previous request) and longest pause while its body arrives;
     ``upload_timeout_s``: longest time a whole request body may take (a half-sent upload gets 408)."""
 
     max_upload_bytes: int = 512 * 1024 * 1024

@@ -511,4 +511,12 @@ def test_half_sent_upload_times_out_with_408(predictor: Predictor, start_service
     # A body the app answers early (not multipart at all): answered, and the connection closed, not held open.
     answer = _half_sent_upload(url, b"not multipart")
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    # Half-sent headers (no request for the app yet), and a connection that sends nothing: closed by the server.
+    import socket
+    from urllib.parse import urlsplit
+
+    for sent in (b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\n", b""):
+        with socket.create_connection((urlsplit(url).hostname, urlsplit(url).port), timeout=30) as sock:
+            sock.sendall(sent)
+            assert sock.recv(1024) == b""  # closed after read_timeout_s, not held open
     assert httpx.get(f"{url}/health").status_code == 200
