@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import mmap
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,11 +81,12 @@ def _text(raw: bytes) -> str:
     return raw.decode("latin-1").strip()
 
 
-def _parse_value(value: str, following: bytes, field: str) -> DataReference:
-    """A data-file value: a name, ``LIST [subdim]`` (names on the following lines) or a ``%`` pattern."""
+def _parse_value(value: str, following: Callable[[], bytes], field: str) -> DataReference:
+    """A data-file value: a name, ``LIST [subdim]`` (names on the following lines, read only then) or a ``%``
+    pattern."""
     words = value.split()
     if words and words[0].upper() == "LIST":
-        names = tuple(n for n in (_text(line) for line in re.split(rb"\r\n|\r|\n", following)) if n)
+        names = tuple(n for n in (_text(line) for line in re.split(rb"\r\n|\r|\n", following())) if n)
         return DataReference("list", names, field)
     if "%" in value:
         return DataReference("pattern", (words[0],), field)
@@ -101,20 +102,19 @@ def metaimage_data_reference(path: Path) -> DataReference:
             raise ScanReadError(f"{path.name}: MetaImage header without an ElementDataFile line")
         line_end = data.find(b"\n", exact.end())
         end = len(data) if line_end < 0 else line_end
-        region = data[:end]
-        if b"\x00" in region:
+        # Searched in place (pos/endpos), never copied: a header may be as long as the file.
+        if data.find(b"\x00", 0, end) >= 0:
             raise ScanReadError(f"{path.name}: MetaImage header holds NUL bytes")
-        stray = _METAIO_NO_SEPARATOR.search(region)
+        stray = _METAIO_NO_SEPARATOR.search(data, 0, end)
         if stray is not None:
             raise ScanReadError(f"{path.name}: MetaImage header line without '=' or ':' ({_text(stray.group())[:40]!r})")
-        references = [_text(m.group(1)) for m in _METAIO_RESEMBLING.finditer(region)]
-        following = data[end + 1 :] if any(v.upper().startswith("LIST") for v in references) else b""
-    # Every spelling of the field must agree (the exact one, last in the region, is where MetaIO stops).
-    if all(v.upper() == "LOCAL" for v in references):
-        return DataReference("inline", field="ElementDataFile")
-    if len(set(references)) > 1:
-        raise ScanReadError(f"{path.name}: MetaImage header names its voxel data more than once")
-    return _parse_value(references[0], following, "ElementDataFile")
+        references = [_text(m.group(1)) for m in _METAIO_RESEMBLING.finditer(data, 0, end)]
+        # Every spelling of the field must agree (the exact one, last in the region, is where MetaIO stops).
+        if all(v.upper() == "LOCAL" for v in references):
+            return DataReference("inline", field="ElementDataFile")
+        if len(set(references)) > 1:
+            raise ScanReadError(f"{path.name}: MetaImage header names its voxel data more than once")
+        return _parse_value(references[0], lambda: data[end + 1 :], "ElementDataFile")
 
 
 def nrrd_data_reference(path: Path) -> DataReference:
@@ -124,13 +124,12 @@ def nrrd_data_reference(path: Path) -> DataReference:
             raise ScanReadError(f"{path.name}: not a NRRD file (no NRRD magic)")
         blank = _NRRD_HEADER_END.search(data)
         end = len(data) if blank is None else blank.start() + 1
-        region = data[:end]
-        if b"\x00" in region:
+        if data.find(b"\x00", 0, end) >= 0:
             raise ScanReadError(f"{path.name}: NRRD header holds NUL bytes")
-        fields = list(_NRRD_DATA_FILE.finditer(region))
+        fields = list(_NRRD_DATA_FILE.finditer(data, 0, end))
         if not fields:
             return DataReference("inline", field="data file")
         if len(fields) > 1 or fields[0].group(1):  # twice, or as a "data file:=" key/value pair
             raise ScanReadError(f"{path.name}: NRRD header names its data file more than once or oddly")
         match = fields[0]
-        return _parse_value(_text(match.group(2)), data[match.end() :], "data file")
+        return _parse_value(_text(match.group(2)), lambda: data[match.end() :], "data file")
