@@ -178,10 +178,12 @@ def test_closing_the_tab_deletes_the_upload(server: str, browser, datasets_dir: 
     image = datasets_dir / "dsb2018_nuclei" / "images" / IMAGE
     named = upload_dir.parent / "Doe_John_1970-01-01.png"
     shutil.copy(image, named)
+    before = {p for p in upload_dir.rglob("*") if p.is_file()}  # other sessions' uploads (earlier tests)
     page.get_by_test_id("stFileUploaderDropzoneInput").first.set_input_files(str(named))
     page.get_by_test_id("stTable").wait_for(timeout=300_000)
-    staged = [p for p in upload_dir.rglob("*") if p.is_file()]
+    staged = [p for p in upload_dir.rglob("*") if p.is_file() and p not in before]
     assert [p.name for p in staged] == ["scan.png"], staged  # neutral name, in the session's folder
+    assert "Doe" not in " ".join(str(p) for p in upload_dir.rglob("*"))
     page.close()
     deadline = time.monotonic() + 180
     while any(p.exists() for p in staged):
