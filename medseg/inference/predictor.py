@@ -22,7 +22,6 @@ import torch
 from medseg.bundle import Bundle, load_bundle
 from medseg.config import ExperimentConfig
 from medseg.data.preprocess import normalize_intensity, prepare_image
-from medseg.errors import BundleError
 from medseg.inference.optimize import fold_batchnorm
 from medseg.inference.postprocess import measure, postprocess_mask
 from medseg.inference.tiling import ModelFn, slice_batches
@@ -94,6 +93,8 @@ class Predictor:
         """Load every ensemble member of a bundle once (weights from safetensors only)."""
         bundle = path if isinstance(path, Bundle) else load_bundle(path)
         cfg = bundle.config
+        from medseg.errors import BundleError
+
         members = []
         for name, state in bundle.load_members().items():
             try:
