@@ -15,6 +15,7 @@ from matplotlib import colormaps
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
+from medseg.bundle import is_hex_colour
 from medseg.io import Scan, render_overlay
 from medseg.io.overlay import DISPLAY_PERCENTILES, label_colors, pick_slice
 
@@ -176,8 +177,11 @@ def to_screen(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def legend_colors(labels: Mapping[int, Mapping[str, str]]) -> dict[int, str]:
-    """Label index -> "#rrggbb" for every foreground label (bundle colours, else medseg's defaults)."""
-    given = {i: v.get("color") for i, v in labels.items() if i > 0 and v.get("color")}
+    """Label index -> "#rrggbb" for every foreground label (bundle colours, else medseg's defaults).
+
+    Bundles are checked when they load, but labels may also come from a remote service: a colour that is not
+    ``#rrggbb``/``#rgb`` is replaced by the default rather than breaking (or styling) the page."""
+    given = {i: v.get("color") for i, v in labels.items() if i > 0 and is_hex_colour(v.get("color"))}
     # A bundle may give background-black or white to a label; keep them, they are the model's choice.
     rgb = label_colors([i for i in labels if i > 0], given)  # type: ignore[arg-type]
     return {i: "#{:02x}{:02x}{:02x}".format(*c) for i, c in rgb.items()}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import streamlit as st
 
-from app import session
+from app import session, session_files
 from app.auth import require_login
+from app.escape import markdown_text
 from app.measure import physical_units
 from app.predictors import describe, get_predictor
 from app.settings import load_settings
@@ -15,8 +17,10 @@ from app.sidebar import choose_files, choose_model, model_details, no_model_mess
 from app.viewer import results_view
 from medseg.bundle import RESEARCH_NOTICE
 from medseg.errors import MedsegError
+from medseg.io import MissingSlicesError
 
 log = logging.getLogger("medseg.app")
+ALLOW_MISSING_SLICES = "Segment this series anyway: slices are missing, so positions and volumes are approximate"
 
 
 def banner() -> None:
@@ -26,7 +30,8 @@ def banner() -> None:
 
 
 def input_error(message: str) -> None:
-    st.error(message, icon=":material/error:")
+    # Messages name uploaded files and quote bundles: shown as text, never as markup.
+    st.error(markdown_text(message), icon=":material/error:")
     st.stop()
 
 
@@ -42,6 +47,12 @@ def welcome(settings) -> None:
     st.caption(settings.limits_text() + " Uploads stay in this session and are deleted when it ends.")
 
 
+@st.cache_resource
+def _upload_janitor(root: str) -> session_files.Janitor:
+    """One janitor per server process: deletes the upload folders of sessions that ended."""
+    return session_files.Janitor(Path(root)).start()
+
+
 def main() -> None:
     """The whole page, top to bottom (Streamlit reruns it on every interaction outside the viewer fragment)."""
     st.set_page_config(page_title="medseg · segmentation", page_icon=":material/biotech:", layout="wide")
@@ -51,6 +62,7 @@ def main() -> None:
     except ValueError as e:
         input_error(f"The app is misconfigured: {e}")
         return
+    _upload_janitor(str(settings.upload_dir))
     user = require_login()
 
     with st.sidebar:
@@ -96,8 +108,19 @@ def main() -> None:
         )
         if series_uid is None:
             st.stop()
+    # Missing DICOM slices are refused unless the user says so here, knowing the slices after a gap are stacked as
+    # if adjacent. Once ticked, the box stays drawn while this upload is shown, so the choice persists.
+    allow_key = f"allow_missing_{upload.short_hash}"
+    allow_missing = bool(st.session_state.get(allow_key))
+    if allow_missing:
+        st.checkbox(ALLOW_MISSING_SLICES, key=allow_key)
     try:
-        loaded = session.read(stage, settings, series_uid)
+        loaded = session.read(stage, settings, series_uid, allow_missing)
+    except MissingSlicesError as e:
+        st.error(markdown_text(str(e)), icon=":material/error:")
+        st.checkbox(ALLOW_MISSING_SLICES, key=allow_key)
+        st.stop()
+        return
     except MedsegError as e:
         input_error(str(e))
         return
@@ -108,7 +131,7 @@ def main() -> None:
 
     scan = loaded.scan
     for note in loaded.warnings:
-        st.warning(note, icon=":material/warning:")
+        st.warning(markdown_text(note), icon=":material/warning:")
 
     progress = st.progress(0.0, text="Segmenting…")
     try:
@@ -127,17 +150,19 @@ def main() -> None:
 
     truth_problem = session.attach_truth(result, truth, settings)
     if truth_problem:
-        st.error(f"Ground truth not used: {truth_problem}", icon=":material/error:")
+        st.error(f"Ground truth not used: {markdown_text(truth_problem)}", icon=":material/error:")
 
-    st.caption(f"{describe_scan(scan)} · segmented by **{result.info.name}** (weights `{result.info.weights_hash}`) "
-               f"in {result.seconds:.1f} s on {result.info.device}")
+    info = result.info
+    st.caption(f"{describe_scan(scan)} · segmented by **{markdown_text(info.name)}** (weights "
+               f"{markdown_text(info.weights_hash)}) in {result.seconds:.1f} s on {markdown_text(info.device)}")
     results_view()
 
 
 def describe_scan(scan) -> str:
     shape = " × ".join(str(s) for s in scan.spatial_shape)
-    kind = scan.meta.get("modality") or str(scan.meta.get("format", "")).upper()
+    kind = markdown_text(scan.meta.get("modality") or str(scan.meta.get("format", "")).upper())
+    source = markdown_text(scan.source)
     if not physical_units(scan):
-        return f"**{scan.source}** · {kind} · {shape} pixels (the file states no pixel size)"
+        return f"**{source}** · {kind} · {shape} pixels (the file states no pixel size)"
     spacing = " × ".join(f"{s:.2f}" for s in scan.geometry.spacing_zyx)
-    return f"**{scan.source}** · {kind} · {shape} {'voxels' if scan.is_volume else 'pixels'} at {spacing} mm"
+    return f"**{source}** · {kind} · {shape} {'voxels' if scan.is_volume else 'pixels'} at {spacing} mm"

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
+from app import session_files
 from app.audit import audit_inference, configure_audit_log
 from app.exports import Provenance
 from app.measure import measurement_table
@@ -26,28 +29,37 @@ from medseg.io import DicomSeriesInfo
 INFERENCE_RUNS = "inference_runs"  # how many times this session ran a model (tests read it; so can admins)
 
 
+def session_folder(settings: AppSettings) -> Path:
+    """This session's private upload folder (swept by ``app.session_files`` once the session ends)."""
+    ctx = get_script_run_ctx()
+    return session_files.session_folder(settings.upload_dir, ctx.session_id if ctx else "bare")
+
+
 def staged(upload: UploadedBytes, settings: AppSettings) -> StagedUpload:
-    """The upload on disk, written once per upload; the previous upload's folder is deleted."""
+    """The upload on disk, written once per upload (again if the janitor removed it while the session was
+    disconnected); the previous upload's files are deleted."""
+    folder = session_folder(settings)  # also marks the session's folder as in use
     current: StagedUpload | None = st.session_state.get("_staged")
-    if current is not None and current.upload.sha256 == upload.sha256:
+    if current is not None and current.upload.sha256 == upload.sha256 and current.alive:
         return current
     if current is not None:
         current.close()
-        st.session_state.pop("_staged", None)
-    for key in ("_read", "_series", "result"):
-        st.session_state.pop(key, None)
-    new = StagedUpload(upload, settings)
+    if current is None or current.upload.sha256 != upload.sha256:
+        for key in ("_read", "_series", "result"):
+            st.session_state.pop(key, None)
+    new = StagedUpload(upload, settings, folder)
     st.session_state["_staged"] = new
     return new
 
 
-def read(stage: StagedUpload, settings: AppSettings, series_uid: str | None) -> ReadResult:
-    """The scan (read once per upload and series)."""
-    key = (stage.upload.sha256, series_uid)
+def read(stage: StagedUpload, settings: AppSettings, series_uid: str | None,
+         allow_missing_slices: bool = False) -> ReadResult:
+    """The scan (read once per upload, series and missing-slice choice)."""
+    key = (stage.upload.sha256, series_uid, allow_missing_slices)
     cached = st.session_state.get("_read")
     if cached is not None and cached[0] == key:
         return cached[1]
-    result = read_staged(stage, settings, series_uid)
+    result = read_staged(stage, settings, series_uid, allow_missing_slices)
     st.session_state["_read"] = (key, result)
     return result
 

@@ -6,17 +6,20 @@ and with Streamlit's ``server.maxUploadSize`` (``medseg app`` passes ``upload_mb
 Environment:
     MEDSEG_MODELS_DIR      folder with model bundles (default ``models``, relative to the working directory)
     MEDSEG_INFERENCE_URL   use the remote inference service at this URL instead of in-process models
+    MEDSEG_INFERENCE_TOKEN that service's API token, when it has one (read by RemotePredictor)
     MEDSEG_AUDIT_LOG       file that receives the audit log (JSON lines); unset: the log goes to stderr
     MEDSEG_MAX_UPLOAD_MB   largest upload, per file and in total (default 1024)
     MEDSEG_MAX_VOXELS      largest scan the server will decode (default 200 million voxels)
+    MEDSEG_UPLOAD_DIR      where sessions' upload folders live (default: <tmp>/medseg-app-uploads-<uid>)
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.session_files import default_root
 from medseg.io import MAX_IMAGE_PIXELS, ArchiveLimits
 
 DEFAULT_MODELS_DIR = Path("models")
@@ -34,6 +37,7 @@ class AppSettings:
     audit_log: Path | None
     upload_mb: int
     max_voxels: int
+    upload_dir: Path = field(default_factory=default_root)
 
     @property
     def upload_bytes(self) -> int:
@@ -87,4 +91,5 @@ def load_settings(server_upload_mb: int | None = None) -> AppSettings:
         audit_log=Path(audit) if audit else None,
         upload_mb=upload_mb,
         max_voxels=_positive_int("MEDSEG_MAX_VOXELS", DEFAULT_MAX_VOXELS),
+        upload_dir=Path(os.environ.get("MEDSEG_UPLOAD_DIR", "").strip() or default_root()),
     )

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import streamlit as st
 
+from app.escape import markdown_text
 from app.predictors import TTA_LABELS, TTA_MODES, ModelInfo, list_bundles, load_bundle_cached
 from app.settings import AppSettings
-from app.uploads import MASK_TYPES, SCAN_TYPES, UploadedBytes
+from app.uploads import MASK_TYPES, SCAN_TYPES, UploadedBytes, UploadError, collect_upload
 from medseg.bundle import Bundle
 from medseg.errors import MedsegError
 
@@ -48,7 +49,7 @@ def choose_model(settings: AppSettings) -> ModelChoice | None:
     try:
         bundle = load_bundle_cached(path)
     except MedsegError as e:
-        st.error(f"This model cannot be loaded: {e}")
+        st.error(f"This model cannot be loaded: {markdown_text(e)}")
         return None
     return ModelChoice(path, bundle, _choose_tta())
 
@@ -68,12 +69,14 @@ def _demote_headings(markdown: str, levels: int = 3) -> str:
 
 def model_details(info: ModelInfo) -> None:
     """Identity of the model that segments (name, version, weights hash, device) and its model card."""
+    # Everything here comes from the bundle or the service: shown as text (the model card is Markdown by design;
+    # Streamlit renders no HTML in it).
     if info.description:
-        st.caption(info.description)
+        st.caption(markdown_text(info.description))
     st.caption(
-        f"Version: {f'`{info.version}`' if info.version else 'not recorded in the bundle'}  \n"
-        f"Weights: `{info.weights_hash or 'unknown'}`  \n"
-        f"Runs on: **{info.device}**" + (" (inference service)" if info.remote else "")
+        f"Version: {markdown_text(info.version) if info.version else 'not recorded in the bundle'}  \n"
+        f"Weights: {markdown_text(info.weights_hash or 'unknown')}  \n"
+        f"Runs on: **{markdown_text(info.device)}**" + (" (inference service)" if info.remote else "")
     )
     if info.model_card:
         with st.expander("Model card"):
@@ -104,10 +107,15 @@ def choose_files(settings: AppSettings) -> tuple[UploadedBytes | None, tuple[str
         help="A label image on the same grid as the scan, to compare with the model (Dice, HD95).",
     )
     st.caption(settings.limits_text())
-    return _remembered_upload(chosen), ((truth_file.name, truth_file.getvalue()) if truth_file is not None else None)
+    truth = (truth_file.name, truth_file.getvalue()) if truth_file is not None else None
+    try:
+        return _remembered_upload(chosen, settings), truth
+    except UploadError as e:
+        st.error(markdown_text(e), icon=":material/error:")
+        return None, truth
 
 
-def _remembered_upload(chosen: list) -> UploadedBytes | None:
+def _remembered_upload(chosen: list, settings: AppSettings) -> UploadedBytes | None:
     """Hash the upload once, not on every rerun (hundreds of MB of DICOM take a second to hash)."""
     if not chosen:
         return None
@@ -115,6 +123,6 @@ def _remembered_upload(chosen: list) -> UploadedBytes | None:
     remembered = st.session_state.get("_upload_bytes")
     if remembered is not None and remembered[0] == ids:
         return remembered[1]
-    upload = UploadedBytes.from_files([(f.name, f.getvalue()) for f in chosen])
+    upload = collect_upload(chosen, settings)
     st.session_state["_upload_bytes"] = (ids, upload)
     return upload

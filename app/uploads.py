@@ -1,18 +1,23 @@
 """Uploaded bytes -> ``Scan`` (and ground-truth label maps), through ``medseg.io`` only.
 
-Uploads live in memory (Streamlit's ``UploadedFile``) and, while a session looks at them, in a private temporary
-folder: SimpleITK and pydicom read from disk, and a DICOM SEG export needs the source files. The folder is
-deleted when the session lets go of it (a new upload, the session ending, or the server stopping).
+Uploads live in memory (Streamlit's ``UploadedFile``) and, while a session looks at them, in the session's private
+folder (``app.session_files``: deleted with a new upload, when the session ends, or by the janitor when the
+session vanishes): SimpleITK and pydicom read from disk. Staged files get neutral names (``scan.nii.gz``,
+``00003.dcm``): a file name may name a patient, and nothing on disk should. Messages name the uploaded files.
+A zip stays one file; the readers extract it into a private temporary folder for the length of one read.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 
@@ -23,13 +28,14 @@ from medseg.io import (
     DicomSeriesInfo,
     Scan,
     ScanReadWarning,
-    extract_zip_safely,
     list_dicom_series,
     read_mask,
     read_scan,
 )
+from medseg.io.formats import COMPANION_SUFFIXES, SUFFIX_FORMATS, full_suffix
 
-SCAN_TYPES = ("nii", "gz", "nrrd", "mha", "mhd", "raw", "dcm", "ima", "zip", "png", "jpg", "jpeg", "tif", "tiff", "bmp")
+# Self-contained files only: a detached .mhd/.raw pair is refused by the readers' untrusted mode anyway.
+SCAN_TYPES = ("nii", "gz", "nrrd", "mha", "dcm", "ima", "zip", "png", "jpg", "jpeg", "tif", "tiff", "bmp")
 MASK_TYPES = ("nii", "gz", "nrrd", "mha", "png", "tif", "tiff", "bmp")
 
 
@@ -58,63 +64,111 @@ class UploadedBytes:
         return self.sha256[:12]
 
 
+def collect_upload(files: Iterable[Any], settings: AppSettings) -> UploadedBytes:
+    """The chosen files (Streamlit ``UploadedFile``s: ``name``, ``size``, ``getvalue()``) as one upload, checking the
+    total against the cap file by file, from their sizes, before any is copied: ``UploadError`` at the first file
+    that goes past it (Streamlit caps each file; the total across a folder of files is the app's to check)."""
+    total, collected = 0, []
+    for f in files:
+        total += int(f.size)
+        if total > settings.upload_bytes:
+            raise UploadError(
+                f"upload of more than {total / 1024**2:,.0f} MB is above this server's limit of "
+                f"{settings.upload_mb:,} MB; upload fewer files"
+            )
+        collected.append((f.name, f.getvalue()))
+    return UploadedBytes.from_files(collected)
+
+
 def _safe_name(name: str) -> str:
     """The base name of an uploaded file (directory uploads send relative paths; keep none of them)."""
     base = PurePosixPath(name.replace("\\", "/")).name
     return base if base not in ("", ".", "..") else "upload"
 
 
-class StagedUpload:
-    """The upload written to a private temporary folder; ``source`` is what ``read_scan`` gets.
+def _neutral_suffix(name: str) -> str:
+    """The suffix a staged copy keeps: a known one picks the reader; anything else (``IM0001``, ``1.2.840.1``)
+    is dropped, so no part of a name that is not a format reaches the disk (DICOM is found by content)."""
+    suffix = full_suffix(name)
+    return suffix if suffix in SUFFIX_FORMATS or suffix in COMPANION_SUFFIXES else ""
 
-    The folder is removed by ``close()``, or at the latest when this object is garbage-collected (Streamlit
-    drops a session's state when the browser tab closes) or the interpreter exits.
+
+class NameMap:
+    """Staged (neutral) base names -> the uploaded files' base names, to put back into messages."""
+
+    def __init__(self) -> None:
+        self._shown: dict[str, str] = {}
+
+    def add(self, staged: str, uploaded: str) -> str:
+        self._shown[staged] = uploaded
+        return staged
+
+    def shown(self, text: str) -> str:
+        for staged, uploaded in self._shown.items():
+            text = re.sub(rf"(?<![\w/]){re.escape(staged)}(?!\w)", lambda _m, u=uploaded: u, text)
+        return text
+
+    def renamed(self, error: MedsegError) -> MedsegError:
+        """``error`` itself (same type and attributes) with the uploaded names in its message."""
+        if error.args and isinstance(error.args[0], str):
+            error.args = (self.shown(error.args[0]), *error.args[1:])
+        return error
+
+
+class StagedUpload:
+    """The upload written under neutral names into a private folder (``folder``: the session's, see
+    ``app.session_files``; None: a fresh temporary one); ``source`` is what ``read_scan`` gets.
+
+    The files are removed by ``close()``, when this object is garbage-collected, when the session's folder is
+    swept, or when the interpreter exits.
     """
 
-    def __init__(self, upload: UploadedBytes, settings: AppSettings):
+    def __init__(self, upload: UploadedBytes, settings: AppSettings, folder: Path | None = None):
         if upload.total_bytes > settings.upload_bytes:
             raise UploadError(
                 f"upload of {upload.total_bytes / 1024**2:,.0f} MB is above this server's limit of "
                 f"{settings.upload_mb:,} MB"
             )
-        self.root = Path(tempfile.mkdtemp(prefix="medseg-upload-"))
+        self.root = Path(tempfile.mkdtemp(prefix="upload-" if folder else "medseg-upload-", dir=folder))
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
         self.upload = upload
+        self.names = NameMap()
         try:
-            self.source: Path | list[Path] = self._write(upload, settings)
+            self.source: Path | list[Path] = self._write(upload)
         except BaseException:
             self.close()
             raise
 
-    def _write(self, upload: UploadedBytes, settings: AppSettings) -> Path | list[Path]:
+    def _write(self, upload: UploadedBytes) -> Path | list[Path]:
         names = [_safe_name(n) for n, _ in upload.files]
         zips = [n for n in names if n.lower().endswith(".zip")]
         if zips and len(names) > 1:
             raise UploadError(f"{zips[0]}: upload a zip on its own, not together with other files")
         if len(names) == 1:
-            path = self.root / names[0]
+            path = self.root / self.names.add(f"scan{_neutral_suffix(names[0])}", names[0])
             path.write_bytes(upload.files[0][1])
-            if zips:
-                # Extracted here (not inside read_scan) so the DICOM files outlive the read: SEG export needs them.
-                # The folder takes the zip's name, so the reader's messages name the file the user uploaded.
-                folder = extract_zip_safely(path, self.root / "extracted" / names[0], settings.archive_limits)
-                path.unlink()
-                return folder
             return path
         paths = []
         for i, (name, (_, data)) in enumerate(zip(names, upload.files, strict=True)):
-            path = self.root / f"{i:05d}" / name  # one folder per file: DICOM folders reuse names (IM0001)
-            path.parent.mkdir()
+            path = self.root / self.names.add(f"{i:05d}{_neutral_suffix(name)}", name)
             path.write_bytes(data)
             paths.append(path)
         return paths
+
+    @property
+    def alive(self) -> bool:
+        """False once the files are gone (closed, or swept after the session looked ended)."""
+        return self._finalizer.alive and self.root.is_dir()
 
     @property
     def upload_name(self) -> str:
         return _safe_name(self.upload.files[0][0]) if len(self.upload.files) == 1 else f"{len(self.upload.files)} files"
 
     def dicom_series(self, settings: AppSettings) -> list[DicomSeriesInfo]:
-        return list_dicom_series(self.source, archive_limits=settings.archive_limits)
+        try:
+            return list_dicom_series(self.source, archive_limits=settings.archive_limits)
+        except MedsegError as e:
+            raise self.names.renamed(e) from None
 
     def close(self) -> None:
         self._finalizer()
@@ -126,8 +180,10 @@ class ReadResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | None = None) -> ReadResult:
-    """Read the staged upload; ``ScanReadWarning``s (missing slices, uneven spacing...) are returned as text.
+def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | None = None,
+                allow_missing_slices: bool = False) -> ReadResult:
+    """Read the staged upload; ``ScanReadWarning``s (uneven spacing, slices missing when allowed...) are returned
+    as text. A DICOM series with missing slices raises ``MissingSlicesError`` unless ``allow_missing_slices``.
 
     Raises ``MedsegError`` subclasses with one-line messages (``MultipleSeriesError`` lists the series).
     """
@@ -135,14 +191,20 @@ def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | N
     # The reader's warnings name only the scan, so the worst case is a misplaced note, never a leak of data.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ScanReadWarning)
-        scan = read_scan(
-            staged.source,
-            series_uid,
-            max_voxels=settings.max_voxels,
-            max_pixels=settings.max_pixels,
-            archive_limits=settings.archive_limits,
-        )
-    notes = [str(w.message) for w in caught if issubclass(w.category, ScanReadWarning)]
+        try:
+            scan = read_scan(
+                staged.source,
+                series_uid,
+                max_voxels=settings.max_voxels,
+                max_pixels=settings.max_pixels,
+                archive_limits=settings.archive_limits,
+                untrusted=True,
+                allow_missing_slices=allow_missing_slices,
+            )
+        except MedsegError as e:
+            raise staged.names.renamed(e) from None
+    scan.source = staged.names.shown(scan.source)
+    notes = [staged.names.shown(str(w.message)) for w in caught if issubclass(w.category, ScanReadWarning)]
     return ReadResult(scan, list(dict.fromkeys(notes)))
 
 
@@ -160,10 +222,14 @@ def read_ground_truth(
     class indices. Raises ``MedsegError`` naming the file when it does not fit the scan or the model.
     """
     name = _safe_name(name)
+    names = NameMap()
     with tempfile.TemporaryDirectory(prefix="medseg-gt-") as tmp:
-        path = Path(tmp) / name
+        path = Path(tmp) / names.add(f"truth{_neutral_suffix(name)}", name)
         path.write_bytes(data)
-        mask = read_mask(path, max_voxels=settings.max_voxels, max_pixels=settings.max_pixels)
+        try:
+            mask = read_mask(path, max_voxels=settings.max_voxels, max_pixels=settings.max_pixels, untrusted=True)
+        except MedsegError as e:
+            raise names.renamed(e) from None
     array = mask.array
     if tuple(array.shape) != tuple(scan.spatial_shape):
         raise ScanReadError(

@@ -11,6 +11,7 @@ import streamlit as st
 
 from app import display
 from app.display import MANUAL_WINDOW, Plane
+from app.escape import html_text, markdown_text
 from app.exports import (
     dicom_seg_available,
     dicom_seg_bytes,
@@ -28,6 +29,12 @@ SWATCH = (
 )
 
 
+def swatch_html(name: str, color: str) -> str:
+    """One legend swatch. ``name`` comes from a bundle or the service: escaped; ``color`` is a ``#rrggbb``
+    from ``display.legend_colors`` (escaped too, so nothing else can ever reach the style attribute)."""
+    return SWATCH.format(name=html_text(name), color=html_text(color))
+
+
 def _legend(result: Result, colors: dict[int, str], suffix: str) -> set[int]:
     """Colour legend with a visibility switch per label; returns the labels to draw."""
     st.markdown("**Labels**")
@@ -35,8 +42,8 @@ def _legend(result: Result, colors: dict[int, str], suffix: str) -> set[int]:
     for index, color in colors.items():
         name = result.info.labels.get(index, {}).get("name", f"label {index}")
         swatch, switch = st.columns([1, 14], vertical_alignment="center", gap="small")
-        swatch.html(SWATCH.format(color=color, name=name))
-        if switch.checkbox(name, value=True, key=f"show_label_{index}_{suffix}"):
+        swatch.html(swatch_html(name, color))
+        if switch.checkbox(markdown_text(name), value=True, key=f"show_label_{index}_{suffix}"):
             visible.add(index)
     return visible
 
@@ -113,7 +120,7 @@ def results_view() -> None:
                 help="White outline on the model's mask, or the ground truth in its own image beside it.",
             )
             if truth_mode == "Outline":
-                st.caption(f"White outline: ground truth ({result.truth_name})")
+                st.caption(f"White outline: ground truth ({markdown_text(result.truth_name)})")
 
     with image_col:
         plane, index, count = Plane.axial, 0, 1

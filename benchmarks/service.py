@@ -159,7 +159,7 @@ def run_scenario(base: str, clients: int, requests: int, kind: str, images: list
     outcome = Outcome()
 
     def client_loop(c: int) -> None:
-        with httpx.Client(base_url=base, timeout=120) as client:
+        with httpx.Client(base_url=base, timeout=120, headers={"X-Medseg-Client": "benchmark"}) as client:
             for i in range(requests):
                 if time.monotonic() > deadline:
                     with outcome.lock:

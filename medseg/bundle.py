@@ -35,17 +35,61 @@ from safetensors.torch import load_file, save_file
 from medseg.config import ExperimentConfig, config_to_yaml, validate_config
 from medseg.errors import BundleError
 
+HEX_COLOUR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 DEFAULT_COLORS = ["#000000", "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
                   "#bcf60c", "#fabebe", "#008080", "#e6beff"]
 RESEARCH_NOTICE = "Research use only — not for diagnosis."
+PERMISSION_HINT = "cannot read it (permission denied); the user running medseg needs read access to the whole bundle"
 log = logging.getLogger(__name__)
+
+
+def is_hex_colour(value: object) -> bool:
+    """``#rrggbb`` or ``#rgb``: the only colours a bundle may give (they end up in the app's HTML and CSS)."""
+    return isinstance(value, str) and HEX_COLOUR.fullmatch(value) is not None
+
+
+def _saved_colour(index: int, spec: str | None) -> str:
+    """A config colour as the ``#rrggbb`` a bundle stores: colour names are converted; anything unusable gets
+    the default (with a warning), so the bundle saved at the end of a training run always loads."""
+    default = DEFAULT_COLORS[index % len(DEFAULT_COLORS)]
+    if spec is None or is_hex_colour(spec):
+        return spec or default
+    from PIL import ImageColor
+
+    try:
+        return "#{:02x}{:02x}{:02x}".format(*ImageColor.getrgb(spec)[:3])
+    except ValueError:
+        log.warning("label %d: colour %r is not a colour; the bundle uses %s", index, spec[:40], default)
+        return default
 
 
 def label_table(cfg: ExperimentConfig) -> dict[int, dict[str, str]]:
     return {
-        i: {"name": name, "color": cfg.data.colors.get(i, DEFAULT_COLORS[i % len(DEFAULT_COLORS)])}
+        i: {"name": name, "color": _saved_colour(i, cfg.data.colors.get(i))}
         for i, name in sorted(cfg.data.labels.items())
     }
+
+
+def _checked_labels(raw: Any, shown: str) -> dict[int, dict[str, str]]:
+    """``labels.json`` as ``{index: {"name", "color"}}``; a name that is not text or a colour that is not
+    ``#rrggbb``/``#rgb`` is a ``BundleError`` (a colour like ``red;position:fixed`` would style the app)."""
+    if not isinstance(raw, dict):
+        raise BundleError(f"{shown}/labels.json: does not hold an object of labels")
+    labels = {}
+    for key, value in raw.items():
+        try:
+            index = int(key)
+        except ValueError:
+            raise BundleError(f"{shown}/labels.json: label key {str(key)[:20]!r} is not a class index") from None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise BundleError(f"{shown}/labels.json: label {index} has no text name")
+        colour = value.get("color")
+        if not is_hex_colour(colour):
+            raise BundleError(
+                f"{shown}/labels.json: label {index} colour {str(colour)[:20]!r} is not #rrggbb or #rgb"
+            )
+        labels[index] = dict(value)
+    return labels
 
 
 @dataclass
@@ -155,7 +199,11 @@ def save_bundle(
             (tmp / fname).write_text(text)
         if calibration is not None:
             (tmp / "calibration.json").write_text(json.dumps(calibration, indent=1))
+        # Readable by every user (mkdtemp made the folder 0700): a bundle is mounted into containers that run
+        # as another user. Weights and metadata are not secret; they are checked, not executed.
+        tmp.chmod(0o755)
         for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -197,16 +245,37 @@ def load_bundle(path: str | Path) -> Bundle:
     return _load_bundle_dir(path, shown=path.name)
 
 
+def _require_readable(path: Path, shown: str) -> None:
+    """``path`` (a folder: listable; a file: readable) or a ``BundleError`` that says it is a permission
+    problem: a folder one cannot list otherwise looks empty, and an unreadable file missing or corrupt."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        raise BundleError(f"{shown}: {PERMISSION_HINT}") from None
+
+
 def _load_bundle_dir(path: Path, shown: str) -> Bundle:
     if not path.is_dir():
         raise BundleError(f"{path}: not a bundle directory or .zip")
+    _require_readable(path, shown)
     for required in ("config.yaml", "labels.json", "preprocessing.json"):
         if not (path / required).is_file():
             raise BundleError(f"{shown}: incomplete bundle, {required} is missing")
+        _require_readable(path / required, f"{shown}/{required}")
+    for optional in ("calibration.json", "model_card.md"):
+        if (path / optional).is_file():
+            _require_readable(path / optional, f"{shown}/{optional}")
+    if (path / "weights").is_dir():
+        _require_readable(path / "weights", f"{shown}/weights")
     members = sorted((path / "weights").glob("*.safetensors"))
     if not members:
         raise BundleError(f"{shown}: bundle has no weights/*.safetensors")
     for member in members:
+        _require_readable(member, f"{shown}/weights/{member.name}")
         try:
             with safe_open(str(member), framework="pt") as f:  # parses and bounds-checks the header only
                 f.keys()
@@ -216,7 +285,6 @@ def _load_bundle_dir(path: Path, shown: str) -> Bundle:
         raw_cfg = yaml.safe_load((path / "config.yaml").read_text())
         _check_size(raw_cfg, "config.yaml")
         labels_raw = json.loads((path / "labels.json").read_text())
-        labels = {int(k): dict(v) for k, v in labels_raw.items()}
         prep = json.loads((path / "preprocessing.json").read_text())
         calib_file = path / "calibration.json"
         calibration = json.loads(calib_file.read_text()) if calib_file.is_file() else None
@@ -226,6 +294,7 @@ def _load_bundle_dir(path: Path, shown: str) -> Bundle:
         raise BundleError(f"{shown}: corrupt bundle metadata ({_one_line(e)})") from None
     if not isinstance(raw_cfg, dict):
         raise BundleError(f"{shown}: corrupt bundle metadata (config.yaml does not hold a mapping)")
+    labels = _checked_labels(labels_raw, shown)
     cfg = validate_config(raw_cfg, f"{shown}/config.yaml")
     card = (path / "model_card.md").read_text(errors="replace") if (path / "model_card.md").is_file() else ""
     return Bundle(path, cfg, labels, prep, members, calibration, card)

@@ -208,6 +208,9 @@ def predict(
     uncertainty: Annotated[bool, typer.Option("--uncertainty", help="Also write the uncertainty map")] = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="DICOM inputs: also write a DICOM SEG")] = False,
     anonymize: Annotated[bool, typer.Option("--anonymize", help="De-identify the DICOM SEG (PS3.15 basic)")] = False,
+    allow_missing_slices: Annotated[bool, typer.Option(
+        "--allow-missing-slices",
+        help="Segment DICOM series with gaps or unreadable slices anyway (positions and volumes approximate)")] = False,
 ) -> None:
     """Segment scans: one mask per input (PNG for 2D images, NIfTI for volumes), plus overlays for 2D."""
     from rich.progress import Progress
@@ -235,7 +238,7 @@ def predict(
         task = bar.add_task("predicting", total=len(items))
         for item in items:
             try:
-                scan = read_scan(item)
+                scan = read_scan(item, allow_missing_slices=allow_missing_slices)
                 pred = predictor.predict_scan(scan)
                 write_prediction_outputs(
                     scan, pred, predictor.labels, out, name=stems[item], label_map=predictor.cfg.data.label_map,
@@ -322,15 +325,24 @@ def serve(
     max_queued: Annotated[int | None, typer.Option(help="Jobs waiting at most; more get 429")] = None,
     max_upload_mb: Annotated[int | None, typer.Option(help="Largest upload in MB; larger get 413")] = None,
     job_ttl: Annotated[float | None, typer.Option(help="Seconds a finished job's files are kept")] = None,
+    max_voxels: Annotated[int | None, typer.Option(help="Largest scan decoded, in voxels (default: from the model and memory)")] = None,
+    memory_budget_mb: Annotated[int | None, typer.Option(help="MB of decoded scans the queue may hold (default: a quarter of memory)")] = None,
+    job_timeout: Annotated[float | None, typer.Option(help="Compute seconds one job may take (default 600)")] = None,
 ) -> None:
     """Inference service (FastAPI + uvicorn): POST /v1/segment, GET /v1/jobs/{id} and its mask, report and uncertainty."""
     from medseg.service.server import serve as run_server
     from medseg.service.settings import ServiceSettings
 
-    settings = ServiceSettings.from_env(
-        device=device, max_queued=max_queued, job_ttl_s=job_ttl,
-        max_upload_bytes=max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
-    )
+    try:
+        settings = ServiceSettings.from_env(
+            device=device, max_queued=max_queued, job_ttl_s=job_ttl, max_voxels=max_voxels,
+            job_timeout_s=job_timeout,
+            max_upload_bytes=max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
+            memory_budget_bytes=memory_budget_mb * 1024 * 1024 if memory_budget_mb is not None else None,
+        )
+    except ValueError as e:
+        _fail(MedsegError(str(e)))
+        return
     try:
         run_server(bundle, host=host, port=port, settings=settings)
     except MedsegError as e:

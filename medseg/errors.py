@@ -19,6 +19,10 @@ class UnsupportedFormatError(ScanReadError):
     """The file's format or dimensionality is not supported."""
 
 
+class ScanTooLargeError(ScanReadError):
+    """A scan's header announces more samples than the reader's cap allows (refused before decoding)."""
+
+
 class UnsafeArchiveError(ScanReadError):
     """A zip archive breaks a safety cap (member count, size, ratio, path escape)."""
 

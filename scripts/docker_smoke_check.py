@@ -63,7 +63,8 @@ def main() -> None:
             fail(f"OpenAPI schema lacks {p}")
 
     # Raw HTTP, as any client would do it.
-    r = httpx.post(f"{url}/v1/segment", files={"file": (args.image.name, args.image.read_bytes())}, timeout=60)
+    r = httpx.post(f"{url}/v1/segment", files={"file": (args.image.name, args.image.read_bytes())}, timeout=60,
+                   headers={"X-Medseg-Client": "docker-smoke"})
     if r.status_code != 202:
         fail(f"POST /v1/segment -> {r.status_code} {r.text[:300]}")
     job_id = r.json()["job_id"]
@@ -98,7 +99,8 @@ def main() -> None:
     if float((pred.mask == local.mask).mean()) < 0.999:
         fail("RemotePredictor's mask differs from the in-process Predictor's")
 
-    bad = httpx.post(f"{url}/v1/segment", files={"file": ("x.png", b"\x89PNG\r\n\x1a\nnot really")}, timeout=30)
+    bad = httpx.post(f"{url}/v1/segment", files={"file": ("x.png", b"\x89PNG\r\n\x1a\nnot really")}, timeout=30,
+                     headers={"X-Medseg-Client": "docker-smoke"})
     if not (400 <= bad.status_code < 500 and "error" in bad.json()):
         fail(f"corrupt upload -> {bad.status_code} {bad.text[:200]}")
     print("docker smoke: service checks passed")

@@ -94,7 +94,16 @@ class Predictor:
         """Load every ensemble member of a bundle once (weights from safetensors only)."""
         bundle = path if isinstance(path, Bundle) else load_bundle(path)
         cfg = bundle.config
-        members = [build_member(cfg, state) for state in bundle.load_members().values()]
+        from medseg.errors import BundleError
+
+        members = []
+        for name, state in bundle.load_members().items():
+            try:
+                members.append(build_member(cfg, state))
+            except RuntimeError as e:  # load_state_dict: missing/unexpected keys, shapes of another network
+                reason = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))[:200]
+                raise BundleError(f"{bundle.path.name}/weights/{name}.safetensors: the weights do not fit the "
+                                  f"network config.yaml describes ({reason})") from None
         temperature = float((bundle.calibration or {}).get("temperature", 1.0))
         return cls(members, cfg, bundle.labels, temperature, device, cfg.name, bundle.weights_hash)
 

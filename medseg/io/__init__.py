@@ -5,7 +5,7 @@ Public API (see each function's docstring for shapes):
     write_mask, write_overlay, write_probabilities, write_scan          (writers)
     render_overlay                                                       (display)
     extracted_zip, extract_zip_safely, safe_extract_zip, ArchiveLimits  (safe zip handling)
-    Scan, Geometry, DicomSeriesInfo, MultipleSeriesError, ScanReadWarning
+    Scan, Geometry, DicomSeriesInfo, MultipleSeriesError, MissingSlicesError, ScanReadWarning
 
 Safety limits (decompression bombs, hostile archives). Every reader checks sizes from the header before it
 decodes anything, and every zip is vetted before anything is extracted; each limit is a keyword argument of
@@ -14,10 +14,15 @@ the readers (``max_voxels``, ``max_pixels``, ``archive_limits=ArchiveLimits(...)
     MAX_IMAGE_PIXELS       89,478,485 pixels in a 2D image (Pillow's own limit; Pillow refuses twice that)
     MAX_MEMBERS            10,000 members in a zip
     MAX_TOTAL_BYTES        2 GiB uncompressed in a zip (declared sizes, and the bytes actually written)
-    MAX_COMPRESSION_RATIO  200:1 per zip member of 1 MiB or more
+    MAX_COMPRESSION_RATIO  200:1 per zip member of 1 MiB or more, for all members together, and for the bytes
+                           written against the zip file's own size (checked while extracting)
 Nested archives are never opened; symlinks, absolute and ``..`` member paths are refused. Beyond the caps:
 truncated NIfTI/DICOM pixel data is detected before decoding, NaN/inf in a NIfTI header's geometry is refused,
-MetaImage/NRRD data files must sit beside their header, and files that are not regular files are refused.
+MetaImage/NRRD data files must sit beside their header (``medseg.io.headers`` finds them as ITK does), and files
+that are not regular files are refused.
+
+Uploads: ``read_scan(..., untrusted=True)`` (the service and the web app) reads only voxel data stored inside
+the uploaded files; detached ``.mhd``/``.nhdr``/``.raw`` files and headers pointing elsewhere are refused.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from medseg.io.archive import (
     safe_extract_zip,
 )
 from medseg.io.checks import MAX_IMAGE_PIXELS, MAX_VOXELS, ScanReadWarning
-from medseg.io.dicom import DicomSeriesInfo, MultipleSeriesError
+from medseg.io.dicom import DicomSeriesInfo, MissingSlicesError, MultipleSeriesError
 from medseg.io.formats import ScanFormat, detect_format
 from medseg.io.geometry import Geometry, Scan
 from medseg.io.overlay import render_overlay
@@ -50,6 +55,7 @@ __all__ = [
     "DicomSeriesInfo",
     "ExtractedArchive",
     "Geometry",
+    "MissingSlicesError",
     "MultipleSeriesError",
     "Scan",
     "ScanFormat",

@@ -1,8 +1,10 @@
 """Safe extraction of user-supplied zip archives into a temporary folder.
 
-Every member is vetted before anything is written: member count, declared total size, per-member compression
-ratio, path escapes (absolute paths, ``..``, drive letters) and symlinks. While extracting, the bytes
-actually written are counted again, so a header that lies about sizes cannot get past the total cap.
+Every member is vetted before anything is written: member count, declared total size, compression ratio (per
+member of 1 MiB or more, and of all members together: many small members of zeros are a bomb too), path
+escapes (absolute paths, ``..``, drive letters) and symlinks. While extracting, the bytes actually written are
+counted again against the total cap and against the zip file's own size times the ratio cap (no header can
+make the archive hold more compressed bytes than the file has), so headers that lie get no further.
 Nested archives are not opened (that is how zip bombs multiply); they are listed in
 ``ExtractedArchive.skipped_archives`` so the caller can say why nothing was found.
 
@@ -28,7 +30,7 @@ from medseg.io.formats import is_archive_member_to_skip
 
 MAX_MEMBERS = 10_000
 MAX_TOTAL_BYTES = 2 * 1024**3  # 2 GiB uncompressed
-MAX_COMPRESSION_RATIO = 200.0  # uncompressed / compressed, per member
+MAX_COMPRESSION_RATIO = 200.0  # uncompressed / compressed, per member and for the whole archive
 # Ratios of tiny members are meaningless (1 KiB of zeros compresses 60:1) and harmless; the total cap
 # bounds them all together.
 RATIO_CHECK_MIN_BYTES = 1024**2
@@ -98,7 +100,7 @@ def _vet_members(
             f"{zip_name}: {len(infos):,} members exceed the cap of {limits.max_members:,} (max_members)"
         )
     vetted = []
-    declared_total = 0
+    declared_total = declared_compressed = 0
     for info in infos:
         parts = _member_parts(info.filename, zip_name)
         if _is_symlink(info):
@@ -110,6 +112,7 @@ def _vet_members(
         if info.flag_bits & 0x1:
             raise ScanReadError(f"{zip_name}: encrypted members are not supported")
         declared_total += info.file_size
+        declared_compressed += info.compress_size
         if declared_total > limits.max_total_bytes:
             raise UnsafeArchiveError(
                 f"{zip_name}: uncompressed size exceeds the cap of {limits.max_total_bytes:,} bytes (max_total_bytes)"
@@ -122,7 +125,20 @@ def _vet_members(
                     f"{limits.max_ratio:,.0f}:1 (max_ratio; a zip bomb?)"
                 )
         vetted.append((info, parts))
+    _check_total_ratio(zip_name, declared_total, declared_compressed, limits)
     return vetted
+
+
+def _check_total_ratio(zip_name: str, uncompressed: int, compressed: int, limits: ArchiveLimits) -> None:
+    """All members together: a thousand 900 KB members of zeros are each below the per-member threshold."""
+    if uncompressed < limits.ratio_check_min_bytes:
+        return
+    ratio = uncompressed / max(compressed, 1)
+    if ratio > limits.max_ratio:
+        raise UnsafeArchiveError(
+            f"{zip_name}: members unpack at a compression ratio of {ratio:,.0f}:1 together, above the cap of "
+            f"{limits.max_ratio:,.0f}:1 (max_ratio; a zip bomb?)"
+        )
 
 
 def safe_extract_zip(
@@ -138,6 +154,7 @@ def safe_extract_zip(
     name = zip_path.name
     result = ExtractedArchive(root=dest)
     try:
+        archive_bytes = zip_path.stat().st_size  # the compressed bytes there can be, whatever headers say
         with zipfile.ZipFile(zip_path) as zf:
             written = 0
             for info, parts in _vet_members(zf, name, limits):
@@ -175,6 +192,7 @@ def safe_extract_zip(
                                 f"{name}: uncompressed size exceeds the cap of {limits.max_total_bytes:,} bytes "
                                 "(max_total_bytes)"
                             )
+                        _check_total_ratio(name, written, archive_bytes, limits)
                         out.write(chunk)
                 result.files.append(target)
     except zipfile.BadZipFile as e:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from medseg.errors import MedsegError, ScanReadError
+from medseg.errors import MedsegError, ScanReadError, ScanTooLargeError
 from medseg.io.geometry import Scan
 
 # Caps; every reader also takes them as keyword arguments.
@@ -25,20 +25,27 @@ MAX_VOXELS = 1_000_000_000  # 3D: 1e9 voxels is 4 GB as float32, far above any c
 MAX_IMAGE_PIXELS = 89_478_485  # 2D: Pillow's own MAX_IMAGE_PIXELS (~ a 9459 x 9459 image)
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Called with the shape (array order) and samples per pixel a header announces, after the cap passed and before
+# any pixel is decoded; it may raise to refuse (the service reserves the scan's memory this way).
+Admit = Callable[[tuple[int, ...], int], None]
 
 
 class ScanReadWarning(UserWarning):
     """A scan was read, but something about it deserves attention (missing slices, NaN voxels fixed up)."""
 
 
-def check_pixel_count(name: str, shape: tuple[int, ...], components: int, cap: int) -> None:
-    """Raise ``ScanReadError`` when a header announces more than ``cap`` samples."""
+def check_pixel_count(
+    name: str, shape: tuple[int, ...], components: int, cap: int, admit: Admit | None = None
+) -> None:
+    """Raise ``ScanTooLargeError`` when a header announces more than ``cap`` samples; else ask ``admit``."""
     count = math.prod(shape) * max(1, components)
     if count > cap:
-        raise ScanReadError(
+        raise ScanTooLargeError(
             f"{name}: header announces {count:,} samples (shape {tuple(shape)}), above the cap of {cap:,}; "
             "refusing to decode (raise the cap if this file is genuine)"
         )
+    if admit is not None:
+        admit(tuple(int(s) for s in shape), max(1, components))
 
 
 def safe_reason(err: BaseException | str, *paths: str | Path) -> str:

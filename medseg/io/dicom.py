@@ -23,7 +23,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from medseg.errors import ScanReadError, UnsupportedFormatError
-from medseg.io.checks import MAX_VOXELS, ScanReadWarning, check_pixel_count, safe_reason
+from medseg.io.checks import MAX_VOXELS, Admit, ScanReadWarning, check_pixel_count, safe_reason
 from medseg.io.formats import SUFFIX_FORMATS, ScanFormat, full_suffix, has_dicom_magic
 from medseg.io.geometry import Geometry, Scan
 
@@ -36,6 +36,17 @@ UNIFORM_SPACING_TOLERANCE = 0.01
 SPACING_ABS_TOLERANCE_MM = 1e-3
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _VALID_VRS = frozenset(str(vr) for vr in pydicom.valuerep.VR)
+
+
+class MissingSlicesError(ScanReadError):
+    """A DICOM series has gaps or unreadable slice files: stacked anyway, the mask would be shifted against the
+    anatomy (positions and volumes wrong). ``read_scan(..., allow_missing_slices=True)`` reads it on purpose."""
+
+
+MISSING_SLICES_ADVICE = (
+    "segmented as one volume, the slices after a gap would be shifted; supply the whole series, or allow missing "
+    "slices explicitly (allow_missing_slices, medseg predict --allow-missing-slices)"
+)
 
 
 class MultipleSeriesError(ScanReadError):
@@ -214,13 +225,18 @@ def choose_series(series: list[_Series], series_uid: str | None, name: str) -> _
     raise ScanReadError(f"{name}: no DICOM series with SeriesInstanceUID {series_uid!r} (found: {listing})")
 
 
-def read_dicom_series(series: _Series, name: str, *, max_voxels: int = MAX_VOXELS) -> Scan:
+def read_dicom_series(
+    series: _Series, name: str, *, max_voxels: int = MAX_VOXELS, admit: Admit | None = None,
+    allow_missing_slices: bool = False,
+) -> Scan:
     """Decode one series into a Scan: ``(z, y, x)`` for several slices, ``(y, x)`` / ``(y, x, 3)`` for one.
 
     ``meta``: ``dicom_files`` (stack order), ``dicom_datasets`` (headers, same order), ``modality``,
     ``series_uid``, ``series_description``, ``slice_positions_mm`` (along the slice normal), ``window``
     ((width, level) of the first slice's VOI window, when present), ``photometric_interpretation``.
-    Missing slices, uneven spacing and gantry tilt are reported with ``ScanReadWarning``.
+    Missing slices (gaps in the positions) raise ``MissingSlicesError`` unless ``allow_missing_slices``, which
+    reads them with a ``ScanReadWarning`` (the volume then uses the average spacing); uneven spacing and gantry
+    tilt are reported with ``ScanReadWarning``.
     Values are the rescaled stored values (HU for CT); MONOCHROME1 images (bright = low) are not inverted,
     ``meta["photometric_interpretation"]`` says which convention applies.
     """
@@ -234,7 +250,7 @@ def read_dicom_series(series: _Series, name: str, *, max_voxels: int = MAX_VOXEL
         )
     rows, cols = int(first.Rows), int(first.Columns)
     samples = int(first.get("SamplesPerPixel", 1) or 1)
-    check_pixel_count(name, (len(datasets), rows, cols), samples, max_voxels)
+    check_pixel_count(name, (len(datasets), rows, cols), samples, max_voxels, admit)
 
     positions: list[float] = []
     if len(datasets) > 1:
@@ -242,7 +258,7 @@ def read_dicom_series(series: _Series, name: str, *, max_voxels: int = MAX_VOXEL
             raise UnsupportedFormatError(
                 f"{name}: colour DICOM series ({samples} samples per pixel) is not supported"
             )
-        positions = _check_stack(datasets, name)
+        positions = _check_stack(datasets, name, allow_missing_slices)
 
     _check_pixel_data_complete(series.files, name)
     files = [str(p) for p in series.files]
@@ -284,8 +300,8 @@ def read_dicom_series(series: _Series, name: str, *, max_voxels: int = MAX_VOXEL
     return Scan(array=array, geometry=Geometry.from_sitk(image), source=name, meta=meta)
 
 
-def _check_stack(datasets: Sequence[Dataset], name: str) -> list[float]:
-    """Positions along the normal; errors for stacks that cannot form one volume, warnings for gaps."""
+def _check_stack(datasets: Sequence[Dataset], name: str, allow_missing_slices: bool = False) -> list[float]:
+    """Positions along the normal; errors for stacks that cannot form one volume and (unless allowed) for gaps."""
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(shapes) > 1:
         raise UnsupportedFormatError(f"{name}: slices of different sizes in one series ({sorted(shapes)})")
@@ -313,6 +329,11 @@ def _check_stack(datasets: Sequence[Dataset], name: str) -> list[float]:
     if missing.size:
         where = ", ".join(f"{gaps[i]:.2f} mm after slice {i}" for i in missing[:5])
         count = int(sum(round(gaps[i] / median) - 1 for i in missing))
+        if not allow_missing_slices:
+            raise MissingSlicesError(
+                f"{name}: missing slices: about {count} slice(s) absent (gaps of {where}, expected "
+                f"{median:.2f} mm); {MISSING_SLICES_ADVICE}"
+            )
         warnings.warn(
             f"{name}: missing slices: about {count} slice(s) absent (gaps of {where}, expected {median:.2f} mm); "
             "the volume's slice spacing is an average, so positions and volumes are approximate",

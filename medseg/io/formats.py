@@ -46,6 +46,8 @@ RASTER_FORMATS = frozenset({ScanFormat.png, ScanFormat.jpeg, ScanFormat.tiff, Sc
 
 # Data files that belong to a header file (.mhd -> .raw/.zraw, .nhdr -> .raw/.gz): not scans themselves.
 COMPANION_SUFFIXES = frozenset({".raw", ".zraw", ".img"})
+# Headers whose voxel data lives in such a separate file: read locally, never accepted as uploads.
+DETACHED_HEADER_SUFFIXES = frozenset({".mhd", ".nhdr"})
 
 # Archives inside an archive are never opened (bomb nesting); they are reported instead.
 ARCHIVE_SUFFIXES = frozenset({".zip", ".7z", ".rar", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".zst"})

@@ -19,8 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medseg.errors import ScanReadError, UnsupportedFormatError
-from medseg.io.checks import MAX_IMAGE_PIXELS, check_pixel_count, safe_reason
+from medseg.errors import ScanReadError, ScanTooLargeError, UnsupportedFormatError
+from medseg.io.checks import MAX_IMAGE_PIXELS, Admit, check_pixel_count, safe_reason
 from medseg.io.formats import ScanFormat, detect_format
 from medseg.io.geometry import Geometry, Scan
 
@@ -37,7 +37,9 @@ _CORRUPT_DATA_ERRORS = (
 )
 
 
-def read_raster(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, as_mask: bool = False) -> Scan:
+def read_raster(
+    path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, as_mask: bool = False, admit: Admit | None = None
+) -> Scan:
     """Read a 2D raster image.
 
     Returns a Scan with ``array`` ``(y, x)`` (grey: uint8, uint16, int32 or float32) or ``(y, x, 3)`` (RGB;
@@ -47,7 +49,10 @@ def read_raster(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, as_mask: bool
     name = path.name
     try:
         with Image.open(path) as im:
+            # Channels are not counted here: the cap is on pixels (Pillow's limit is too); admit sees samples.
             check_pixel_count(name, (im.height, im.width), 1, max_pixels)
+            if admit is not None:
+                admit((im.height, im.width), len(im.getbands()))
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
                 raise UnsupportedFormatError(
@@ -64,8 +69,10 @@ def read_raster(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, as_mask: bool
                 array = _read_16bit_colour(path)
             else:
                 array = _pil_to_array(oriented, name, as_mask=as_mask)
-    except Image.DecompressionBombError as e:
-        raise ScanReadError(f"{name}: image too large ({safe_reason(e, path)})") from None
+    except Image.DecompressionBombError as e:  # Pillow's own check at open, for images far above its limit
+        raise ScanTooLargeError(
+            f"{name}: image too large, above the cap of {max_pixels:,} pixels ({safe_reason(e, path)})"
+        ) from None
     except UnidentifiedImageError:
         raise ScanReadError(f"{name}: not a readable image (unknown or corrupt format)") from None
     except _CORRUPT_DATA_ERRORS as e:

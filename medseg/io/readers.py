@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +23,16 @@ from medseg.io.archive import ArchiveLimits, ExtractedArchive, extracted_zip
 from medseg.io.checks import (
     MAX_IMAGE_PIXELS,
     MAX_VOXELS,
+    Admit,
     ScanReadWarning,
     finish_scan,
     one_line_errors,
     safe_reason,
 )
 from medseg.io.dicom import (
+    MISSING_SLICES_ADVICE,
     DicomSeriesInfo,
+    MissingSlicesError,
     choose_series,
     discover_series,
     looks_like_dicom_candidate,
@@ -48,7 +51,7 @@ from medseg.io.formats import (
 )
 from medseg.io.geometry import Geometry, Scan
 from medseg.io.raster import read_raster
-from medseg.io.volume import read_volume
+from medseg.io.volume import UPLOAD_FORMS, read_volume
 
 PathLike = str | os.PathLike[str]
 ScanSource = PathLike | Sequence[PathLike]
@@ -56,11 +59,14 @@ ScanSource = PathLike | Sequence[PathLike]
 _JUNK_NAMES = frozenset({"DICOMDIR", "Thumbs.db", "desktop.ini"})
 
 
+@dataclass(frozen=True)
 class _Caps:
-    def __init__(self, max_voxels: int, max_pixels: int, archive_limits: ArchiveLimits | None):
-        self.max_voxels = max_voxels
-        self.max_pixels = max_pixels
-        self.archive_limits = archive_limits
+    max_voxels: int
+    max_pixels: int
+    archive_limits: ArchiveLimits | None
+    untrusted: bool = False  # an upload: only self-contained files (see read_scan)
+    admit: Admit | None = None  # asked before decoding (see read_scan)
+    allow_missing_slices: bool = False  # read DICOM series with gaps or unreadable slices (see read_scan)
 
 
 @one_line_errors
@@ -71,6 +77,9 @@ def read_scan(
     max_voxels: int = MAX_VOXELS,
     max_pixels: int = MAX_IMAGE_PIXELS,
     archive_limits: ArchiveLimits | None = None,
+    untrusted: bool = False,
+    admit: Admit | None = None,
+    allow_missing_slices: bool = False,
 ) -> Scan:
     """Read a scan with its geometry.
 
@@ -85,10 +94,25 @@ def read_scan(
     (the extraction was temporary) and ``meta["archive"]`` is the zip's name; use ``extracted_zip`` when
     the files themselves are needed.
 
+    ``untrusted``: the source is an upload from someone else (the service, the web app). Only data stored inside
+    the files is read: MetaImage with ``ElementDataFile = LOCAL``, NRRD with attached data, NIfTI, DICOM, raster
+    images; detached ``.mhd``/``.nhdr``/``.raw`` files and headers that point at other files are refused
+    (``UnsupportedFormatError``), without looking whether the file they name exists. Local files named by
+    the user (``untrusted=False``) may reference data files in their own folder.
+
+    ``max_voxels``/``max_pixels``: caps on the samples a header announces (volumes and DICOM series / 2D
+    images), checked before anything is decoded (``ScanTooLargeError``). ``admit(shape, samples_per_pixel)``:
+    called once the cap passed, still before decoding; it may raise to refuse (the service checks the shape
+    and reserves memory for the scan).
+
+    A DICOM series with gaps between slice positions, or beside ``.dcm`` files that cannot be parsed, raises
+    ``MissingSlicesError``: stacked anyway, the mask would be shifted against the anatomy. With
+    ``allow_missing_slices`` it is read (the unreadable files left out) with a ``ScanReadWarning``.
+
     Raises ``ScanReadError`` (unreadable, corrupt, truncated, too large), ``UnsupportedFormatError``
     (4D, vector volumes, unknown formats) or ``UnsafeArchiveError``, each naming the file and the problem.
     """
-    caps = _Caps(max_voxels, max_pixels, archive_limits)
+    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted, admit, allow_missing_slices)
     return finish_scan(_read_source(source, series_uid, caps, as_mask=False))
 
 
@@ -99,14 +123,17 @@ def read_mask(
     max_voxels: int = MAX_VOXELS,
     max_pixels: int = MAX_IMAGE_PIXELS,
     archive_limits: ArchiveLimits | None = None,
+    untrusted: bool = False,
+    admit: Admit | None = None,
 ) -> Scan:
     """Read a label map: ``(y, x)`` or ``(z, y, x)`` of non-negative integers, values as stored.
 
     Differences from ``read_scan``: a palette PNG gives its palette indices (not colours); an RGB(A) mask whose
     channels are equal becomes one channel; a float file must hold whole numbers and is cast to an integer
-    type. A colour mask with distinct channels raises ``UnsupportedFormatError``.
+    type. A colour mask with distinct channels raises ``UnsupportedFormatError``. ``untrusted``, ``admit``: as in
+    ``read_scan``.
     """
-    caps = _Caps(max_voxels, max_pixels, archive_limits)
+    caps = _Caps(max_voxels, max_pixels, archive_limits, untrusted, admit)
     scan = finish_scan(_read_source(source, None, caps, as_mask=True))
     array = scan.array
     if array.ndim == scan.spatial_ndim + 1:
@@ -222,7 +249,8 @@ def _read_source(source: ScanSource, series_uid: str | None, caps: _Caps, *, as_
         if not series:
             raise ScanReadError(f"{path.name}: not a readable DICOM image file")
         return read_dicom_series(
-            choose_series(series, series_uid, path.name), path.name, max_voxels=caps.max_voxels
+            choose_series(series, series_uid, path.name), path.name, max_voxels=caps.max_voxels, admit=caps.admit,
+            allow_missing_slices=caps.allow_missing_slices,
         )
     if series_uid is not None:
         raise ScanReadError(f"{path.name}: series_uid {series_uid!r} given, but this is not a DICOM source")
@@ -232,10 +260,13 @@ def _read_source(source: ScanSource, series_uid: str | None, caps: _Caps, *, as_
 def _read_image_file(path: Path, caps: _Caps, *, as_mask: bool) -> Scan:
     fmt = detect_format(path)
     if fmt in RASTER_FORMATS:
-        return read_raster(path, max_pixels=caps.max_pixels, as_mask=as_mask)
+        return read_raster(path, max_pixels=caps.max_pixels, as_mask=as_mask, admit=caps.admit)
     if fmt in VOLUME_FORMATS:
-        return read_volume(path, max_voxels=caps.max_voxels)
+        return read_volume(path, max_voxels=caps.max_voxels, untrusted=caps.untrusted, admit=caps.admit)
     suffix = full_suffix(path) or "(none)"
+    if suffix in COMPANION_SUFFIXES:
+        wanted = f"upload one self-contained file: {UPLOAD_FORMS}" if caps.untrusted else "read its header instead"
+        raise UnsupportedFormatError(f"{path.name}: {suffix} holds the voxels of a detached header; {wanted}")
     raise UnsupportedFormatError(
         f"{path.name}: unsupported file type {suffix!r}; medseg reads {SUPPORTED_DESCRIPTION}"
     )
@@ -276,13 +307,18 @@ def _read_file_set(
     series, unreadable = discover_series(_dicom_candidates([f for f in files if f not in image_set]))
     if series:
         if unreadable:
+            what = f"{len(unreadable)} .dcm file(s) could not be parsed"
+            if not caps.allow_missing_slices:
+                raise MissingSlicesError(
+                    f"{name}: {what} (e.g. {unreadable[0].name}), a slice of the series perhaps; {MISSING_SLICES_ADVICE}"
+                )
             warnings.warn(
-                f"{name}: {len(unreadable)} .dcm file(s) could not be parsed and were skipped "
-                f"(e.g. {unreadable[0].name})",
-                ScanReadWarning,
-                stacklevel=2,
+                f"{name}: {what} and were skipped (e.g. {unreadable[0].name})", ScanReadWarning, stacklevel=2
             )
-        return read_dicom_series(choose_series(series, series_uid, name), name, max_voxels=caps.max_voxels)
+        return read_dicom_series(
+            choose_series(series, series_uid, name), name, max_voxels=caps.max_voxels, admit=caps.admit,
+            allow_missing_slices=caps.allow_missing_slices,
+        )
     if series_uid is not None:
         raise ScanReadError(f"{name}: series_uid {series_uid!r} given, but no DICOM series was found")
     if len(images) == 1:

@@ -3,8 +3,9 @@
 Two gaps in SimpleITK are closed here rather than trusted away:
 * a truncated ``.nii``/``.nii.gz`` is read without any error (the missing voxels come back as zeros), so the
   data length is checked against the header before decoding;
-* MetaImage/NRRD headers may point their voxel data at any file (``ElementDataFile = /etc/passwd``); for an
-  uploaded file that is a disclosure hole, so only a file next to the header is accepted.
+* MetaImage/NRRD headers may point their voxel data at any file (``ElementDataFile: /etc/shadow``), and
+  SimpleITK follows it. ``medseg.io.headers`` finds the reference as ITK's parsers do; a local file may only
+  reference data files in its own folder, and an upload (``untrusted=True``) only data inside itself.
 """
 
 from __future__ import annotations
@@ -20,37 +21,49 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import ScanReadError, UnsupportedFormatError
-from medseg.io.checks import MAX_VOXELS, check_pixel_count, safe_reason
-from medseg.io.formats import ScanFormat, detect_format, full_suffix
+from medseg.io.checks import MAX_VOXELS, Admit, check_pixel_count, safe_reason
+from medseg.io.formats import DETACHED_HEADER_SUFFIXES, ScanFormat, detect_format, full_suffix
 from medseg.io.geometry import Geometry, Scan
+from medseg.io.headers import metaimage_data_reference, nrrd_data_reference
 
 # Suffixes SimpleITK writes a single self-contained file for (".mhd" would need a second data file).
 WRITABLE_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 _COMPLEX_PIXEL_IDS = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
-_HEADER_PROBE_BYTES = 64 * 1024
-_DATA_FILE_PATTERNS = {
-    ScanFormat.metaimage: re.compile(r"^\s*ElementDataFile\s*=\s*(.*?)\s*$", re.MULTILINE),
-    ScanFormat.nrrd: re.compile(r"^\s*data ?file\s*:\s*(.*?)\s*$", re.MULTILINE | re.IGNORECASE),
-}
+# The one ITK reader for each format: never left to ITK's guess by file name or content.
+_IMAGE_IO = {ScanFormat.nifti: "NiftiImageIO", ScanFormat.nrrd: "NrrdImageIO", ScanFormat.metaimage: "MetaImageIO"}
+_DATA_REFERENCE_PARSERS = {ScanFormat.metaimage: metaimage_data_reference, ScanFormat.nrrd: nrrd_data_reference}
+UPLOAD_FORMS = ".mha (ElementDataFile = LOCAL), .nrrd with attached data, or NIfTI"
 
 
-def read_volume(path: Path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+def read_volume(
+    path: Path, *, max_voxels: int = MAX_VOXELS, untrusted: bool = False, admit: Admit | None = None
+) -> Scan:
     """Read a NIfTI/NRRD/MetaImage file.
 
     Returns a Scan with ``array`` ``(z, y, x)`` for volumes, ``(y, x)`` (or ``(y, x, C)``) for 2D files.
     A 4D file whose 4th axis has length 1 is read as 3D; real 4D+ data and vector volumes raise
     ``UnsupportedFormatError``. Inherited from ITK: a NIfTI volume with a single slice is read as 2D, and
     ITK's NIfTI reader turns NaN voxels into 0 (other formats keep NaN for ``checks.fill_nonfinite``).
+
+    ``admit``: see ``read_scan``. ``untrusted`` (uploads): the voxel data must be inside the file; detached ``.mhd``/``.nhdr`` headers and
+    headers that reference other files raise ``UnsupportedFormatError`` whether or not the file exists.
     """
     name = path.name
     fmt = detect_format(path)
-    if fmt in _DATA_FILE_PATTERNS:
-        _check_data_file_reference(path, fmt)
+    if untrusted and full_suffix(path) in DETACHED_HEADER_SUFFIXES:
+        raise UnsupportedFormatError(
+            f"{name}: a detached header ({full_suffix(path)} with a separate data file) is not accepted for "
+            f"uploads; upload one self-contained file: {UPLOAD_FORMS}"
+        )
+    if fmt in _DATA_REFERENCE_PARSERS:
+        _check_data_location(path, fmt, untrusted)
     if fmt == ScanFormat.nifti:
         _check_nifti_geometry_fields(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    if fmt in _IMAGE_IO:
+        reader.SetImageIO(_IMAGE_IO[fmt])
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
@@ -72,7 +85,7 @@ def read_volume(path: Path, *, max_voxels: int = MAX_VOXELS) -> Scan:
         )
     if reader.GetPixelID() in _COMPLEX_PIXEL_IDS:
         raise UnsupportedFormatError(f"{name}: complex-valued pixels are not supported")
-    check_pixel_count(name, shape, components, max_voxels)
+    check_pixel_count(name, shape, components, max_voxels, admit)
     if fmt == ScanFormat.nifti:
         _check_nifti_data_length(path, reader)
 
@@ -164,34 +177,33 @@ def _gzip_length_up_to(path: Path, limit: int) -> int:
     return total
 
 
-def _check_data_file_reference(path: Path, fmt: ScanFormat) -> None:
-    """Allow only in-file data or a plain file name beside the header (no paths, lists or patterns)."""
+def _check_data_location(path: Path, fmt: ScanFormat, untrusted: bool) -> None:
+    """Voxel data inside the file always; in other files only for local files, and only files in the
+    header's folder (plain names, a ``LIST`` of them, or a ``%d`` pattern of one)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(_HEADER_PROBE_BYTES)
+        reference = _DATA_REFERENCE_PARSERS[fmt](path)
     except OSError as e:
         raise ScanReadError(f"{path.name}: cannot open ({safe_reason(e, path)})") from None
-    text = head.decode("latin-1")
-    if fmt == ScanFormat.nrrd:
-        text = text.split("\n\n", 1)[0]  # NRRD header ends at the first blank line
-    match = _DATA_FILE_PATTERNS[fmt].search(text)
-    if match is None:
+    if reference.inline:
         return
-    reference = match.group(1)
-    if fmt == ScanFormat.metaimage and reference.upper() == "LOCAL":
-        return
-    plain_name = (
-        reference
-        and not re.search(r"[/\\%\s]", reference)
-        and reference not in (".", "..")
-        and not reference.upper().startswith("LIST")
-    )
-    if not plain_name or not (path.parent / reference).is_file():
-        shown = re.split(r"[/\\]", reference)[-1] if reference else ""
+    if untrusted:
+        # The same answer whether or not the referenced file exists: no probing the server's files.
         raise UnsupportedFormatError(
-            f"{path.name}: header points its voxel data at {shown!r} elsewhere; only a data file in the same "
-            "folder (or data inside the file) is accepted"
+            f"{path.name}: the header keeps its voxel data in another file ({reference.field}); uploads must "
+            f"hold their voxel data inside the file: {UPLOAD_FORMS}"
         )
+    for name in reference.names or ("",):
+        if not _is_beside(path, name, must_exist=reference.kind != "pattern"):
+            shown = re.split(r"[/\\]", name)[-1]
+            raise UnsupportedFormatError(
+                f"{path.name}: header points its voxel data at {shown!r} elsewhere; only data files in the same "
+                "folder (or data inside the file) are accepted"
+            )
+
+
+def _is_beside(header: Path, name: str, *, must_exist: bool) -> bool:
+    plain = bool(name) and not re.search(r"[/\\\x00]", name) and name not in (".", "..")
+    return plain and (not must_exist or (header.parent / name).is_file())
 
 
 def write_volume(array: np.ndarray, geometry: Geometry, path: Path, *, is_vector: bool = False) -> None:

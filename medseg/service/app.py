@@ -1,7 +1,8 @@
 """The FastAPI app: upload a scan -> a job; poll the job; fetch its mask, uncertainty and measurements.
 
 ```
-POST /v1/segment                 multipart: file (scan; DICOM series as one .zip), tta?, series_uid?  -> 202 {job_id}
+POST /v1/segment                 multipart: file (scan; DICOM series as one .zip), tta?, series_uid?, anonymize?,
+                                 allow_missing_slices?  -> 202 {job_id}
 GET  /v1/jobs/{id}               {job_id, status: queued|running|done|failed, progress 0..1, error}
 GET  /v1/jobs/{id}/mask          ?format=nifti|png|dicom-seg  (class indices on the scan's grid)
 GET  /v1/jobs/{id}/uncertainty   ?format=nifti|npz            (normalised entropy in [0, 1])
@@ -10,8 +11,11 @@ GET  /v1/models                  the loaded model: name, weights hash, labels, d
 GET  /health                     liveness + queue depth
 GET  /openapi.json, /docs        schema
 ```
-Errors are JSON ``{"error": "..."}``: 413 too large, 415 unknown type, 422 unreadable scan, 429 queue full
-(with Retry-After), 404 unknown job, 409 job not done (or failed), 400 a format the job's input does not allow.
+POSTs need the ``X-Medseg-Client`` header, and with an API token every /v1 request its bearer token
+(``medseg.service.guards``). Errors are JSON ``{"error": "..."}``: 401 no/wrong token, 403 no client header,
+408 body not sent in time, 413 too large (upload bytes, or a header announcing more voxels than
+``max_voxels``), 415 unknown type, 422 unreadable scan, 429 queue full or its memory budget taken (with
+Retry-After), 404 unknown job, 409 job not done (or failed), 400 a format the job's input does not allow.
 """
 
 from __future__ import annotations
@@ -31,11 +35,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medseg.bundle import RESEARCH_NOTICE
-from medseg.errors import MedsegError, UnsupportedFormatError
+from medseg.errors import MedsegError, ScanTooLargeError, UnsupportedFormatError
+from medseg.io import MAX_IMAGE_PIXELS
+from medseg.service.budget import (
+    DECODED_BYTES_PER_SAMPLE,
+    MEMORY_FRACTION_QUEUED,
+    BudgetFullError,
+    MemoryBudget,
+    default_voxel_cap,
+    machine_memory_bytes,
+)
+from medseg.service.guards import LOOPBACK_HOSTS, CallerGuard
 from medseg.service.jobs import TTA_MODES, Job, JobQueue, JobStatus, QueueFullError
-from medseg.service.limits import BodySizeLimit
+from medseg.service.limits import RequestBodyLimits
 from medseg.service.results import (
     MASK_DICOM_SEG,
     MASK_NIFTI,
@@ -44,6 +59,7 @@ from medseg.service.results import (
     UNCERTAINTY_NIFTI,
     MaskFormat,
     UncertaintyFormat,
+    check_result_shape,
     uncertainty_npz,
 )
 from medseg.service.settings import ServiceSettings
@@ -107,9 +123,15 @@ class HealthOut(BaseModel):
     device: str
     jobs: dict[str, int]
     max_queued: int
+    max_voxels: int
+    memory_budget_bytes: int
+    memory_used_bytes: int
+    job_timeout_s: float
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 422, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429)
+}
 
 
 def _model_info(predictor: Any, model_card: str) -> ModelOut:
@@ -128,6 +150,19 @@ def _model_info(predictor: Any, model_card: str) -> ModelOut:
     )
 
 
+def _refusal(err: BaseException) -> tuple[int | None, dict[str, str] | None]:
+    """HTTP status (and headers) for why an upload was not queued; None: not a refusal, a bug."""
+    if isinstance(err, (UploadTooLargeError, ScanTooLargeError)):
+        return 413, None
+    if isinstance(err, UnsupportedFormatError):
+        return 415, None
+    if isinstance(err, MedsegError):
+        return 422, None
+    if isinstance(err, (QueueFullError, BudgetFullError)):
+        return 429, {"Retry-After": str(err.retry_after)}
+    return None, None
+
+
 def create_app(predictor: Any, settings: ServiceSettings | None = None, model_card: str = "") -> FastAPI:
     """The service over one loaded model. ``predictor``: a ``Predictor`` or a bundle path (loaded here, once,
     on ``settings.device``; its model card is served too). The job worker starts with the app, stops with it."""
@@ -141,14 +176,22 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         predictor = Predictor.from_bundle(bundle, device=settings.device)
     own_work_dir = settings.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="medseg-service-")) if own_work_dir else Path(settings.work_dir)
-    jobs = JobQueue(predictor, work_dir, settings.max_queued, settings.job_ttl_s, settings.max_jobs)
+    jobs = JobQueue(predictor, work_dir, settings.max_queued, settings.job_ttl_s, settings.max_jobs,
+                    settings.job_timeout_s)
+    memory = machine_memory_bytes()
+    budget = MemoryBudget(settings.memory_budget_bytes or int(memory * MEMORY_FRACTION_QUEUED), jobs.retry_after)
+    # A scan under the cap must fit into an empty budget, or a retry could never succeed.
+    voxel_cap = min(settings.max_voxels or default_voxel_cap(predictor, memory),
+                    budget.limit_bytes // DECODED_BYTES_PER_SAMPLE)
     model_info = _model_info(predictor, model_card)
     reads = threading.BoundedSemaphore(_PARALLEL_READS)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         jobs.start()
-        log.info("serving %s (%s) on %s", model_info.name, model_info.weights_hash, model_info.device)
+        log.info("serving %s (%s) on %s; scans up to %s voxels, %.1f GB for queued scans, %g s per job",
+                 model_info.name, model_info.weights_hash, model_info.device, f"{voxel_cap:,}",
+                 budget.limit_bytes / 1e9, settings.job_timeout_s)
         try:
             yield
         finally:
@@ -160,9 +203,15 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         title="medseg inference service", version=API_VERSION, lifespan=lifespan,
         description=f"Segment medical scans with one medseg model bundle. {RESEARCH_NOTICE}",
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    # Outermost last: the Host check runs first, then the caller check, then the body limits.
+    app.add_middleware(RequestBodyLimits, max_bytes=settings.max_upload_bytes, read_timeout_s=settings.read_timeout_s,
+                       upload_timeout_s=settings.upload_timeout_s)
+    app.add_middleware(CallerGuard, api_token=settings.api_token)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.trusted_hosts or LOOPBACK_HOSTS))
     app.state.jobs = jobs
     app.state.predictor = predictor
+    app.state.budget = budget
+    app.state.voxel_cap = voxel_cap
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
@@ -189,35 +238,39 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         file: Annotated[UploadFile, File(description="A scan: NIfTI, NRRD, MHA, PNG/JPEG/TIFF/BMP, DICOM file, or a .zip of a DICOM series")],
         tta: Annotated[Tta | None, Form(description="Test-time augmentation; default: the bundle's")] = None,
         series_uid: Annotated[str | None, Form(description="Which DICOM series when the zip holds several")] = None,
+        anonymize: Annotated[bool, Form(description="De-identify the DICOM SEG (patient and study attributes, "
+                                                    "hashed UIDs)")] = False,
+        allow_missing_slices: Annotated[bool, Form(description="Segment a DICOM series with gaps or unreadable "
+                                                               "slices anyway (refused otherwise)")] = False,
     ) -> JSONResponse:
         """Queue a scan for segmentation; answers 202 with the job id at once (429 when the queue is full)."""
         if jobs.is_full():  # cheap refusal before reading anything
             raise HTTPException(429, "the job queue is full", headers={"Retry-After": str(jobs.retry_after())})
         job_id, folder = jobs.new_folder()
+        reservation = budget.reservation()  # taken from the header, before decoding; the worker releases it
         try:
             with reads:
                 upload = store_upload(file.file, file.filename, folder, settings.max_upload_bytes)
+
+                def admit(shape: tuple[int, ...], components: int) -> None:
+                    check_result_shape(upload.path.name, shape)
+                    reservation.admit(shape, components)
+
                 try:
-                    scan = read_upload(upload, series_uid)
-                except MedsegError as e:
+                    scan = read_upload(upload, series_uid, max_voxels=voxel_cap,
+                                       max_pixels=min(voxel_cap, MAX_IMAGE_PIXELS), admit=admit,
+                                       allow_missing_slices=allow_missing_slices)
+                except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
                     raise
-            job = jobs.submit(job_id, folder, scan, upload.sha256, tta)
-        except UploadTooLargeError as e:
+            job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation, anonymize)
+        except BaseException as e:
+            reservation.release()
             shutil.rmtree(folder, ignore_errors=True)
-            raise HTTPException(413, str(e)) from None
-        except UnsupportedFormatError as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise HTTPException(415, str(e)) from None
-        except MedsegError as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise HTTPException(422, str(e)) from None
-        except QueueFullError as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+            status, headers = _refusal(e)
+            if status is None:
+                raise
+            raise HTTPException(status, str(e), headers=headers) from None
         url = f"/v1/jobs/{job.id}"
         body = SubmittedOut(job_id=job.id, status=job.status, status_url=url)
         return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": url})
@@ -279,7 +332,9 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         """Liveness: 200 while the inference worker runs, 503 if it died."""
         alive = jobs.is_alive()
         body = HealthOut(status="ok" if alive else "degraded", model=model_info.name, device=model_info.device,
-                         jobs=jobs.counts(), max_queued=settings.max_queued)
+                         jobs=jobs.counts(), max_queued=settings.max_queued, max_voxels=voxel_cap,
+                         memory_budget_bytes=budget.limit_bytes, memory_used_bytes=budget.used_bytes,
+                         job_timeout_s=settings.job_timeout_s)
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if alive else 503)
 
     return app

@@ -13,6 +13,7 @@ calibrated probabilities (e.g. a threshold slider) must run in-process.
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -67,16 +68,25 @@ class RemotePredictor:
     ``timeout``: seconds per HTTP request. ``wait_timeout``: seconds one scan may take in total (queue + run);
     a full queue (429) is retried after the server's Retry-After within that time. ``poll_interval``: seconds
     between status polls. ``transport``: an ``httpx`` transport (tests, proxies); None for the network.
+    ``token``: the service's API token (``MEDSEG_SERVICE_API_TOKEN`` there); None: ``MEDSEG_INFERENCE_TOKEN``.
+    Every request carries the ``X-Medseg-Client`` header the service requires on uploads.
     """
 
     def __init__(self, base_url: str, timeout: float = 60.0, wait_timeout: float = 600.0, poll_interval: float = 0.25,
-                 transport: Any = None) -> None:
+                 transport: Any = None, token: str | None = None) -> None:
         import httpx
+
+        from medseg import __version__
+        from medseg.service.guards import CLIENT_HEADER
 
         self.base_url = base_url.rstrip("/")
         self.wait_timeout = wait_timeout
         self.poll_interval = poll_interval
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        token = token if token is not None else os.environ.get("MEDSEG_INFERENCE_TOKEN", "").strip() or None
+        headers = {CLIENT_HEADER: f"medseg/{__version__}"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
         info = self._get_json("/v1/models")["models"][0]
         self.info = info
         self.name: str = info["name"]

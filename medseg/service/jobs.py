@@ -2,14 +2,26 @@
 
 One worker thread per process: the model is loaded once and a GPU runs one scan at a time anyway, so more
 threads would only add contention; scale out with more processes/replicas (see README "Scaling").
+
+Time limit: the model runs in the worker thread, which Python cannot interrupt from outside, so cancellation
+is cooperative. A job's deadline is checked by its progress callback (after every model pass: each TTA view,
+ensemble member and 2.5D slice batch) and by a forward pre-hook on every ensemble member (before every
+network call: every tile batch of a large image; members run through ``torch.compile`` may skip the hook, and
+then stop at the next pass). Past ``job_timeout_s`` the check raises ``JobTimeoutError``:
+the job fails with that message and the worker takes the next job. Work between two checks (post-processing,
+writing the result files) is bounded by the voxel cap.
 """
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import logging
 import math
+import os
 import queue
+import re
+import secrets
 import shutil
 import threading
 import time
@@ -20,12 +32,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from medseg.errors import MedsegError
 from medseg.io import Scan
+from medseg.io.checks import safe_reason
 from medseg.service.results import write_results
 
 log = logging.getLogger("medseg.service")
 
 TTA_MODES = ("none", "flips", "multicrop", "full")
+_JOB_FOLDER = re.compile(r"[0-9a-f]{32}")
+LOCK_FILE = ".medseg-service.lock"
 
 
 class JobStatus(StrEnum):
@@ -33,6 +49,32 @@ class JobStatus(StrEnum):
     running = "running"
     done = "done"
     failed = "failed"
+
+
+def _lock_work_dir(work_dir: Path) -> Any:
+    """An exclusive lock on ``work_dir`` for this process's lifetime (the start-up purge would delete another
+    live process's jobs)."""
+    handle = open(work_dir / LOCK_FILE, "a")  # noqa: SIM115 - held open until JobQueue.stop
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise MedsegError(
+            f"{work_dir.name}: this work_dir is in use by another medseg service process; give each process its own"
+        ) from None
+    os.chmod(work_dir / LOCK_FILE, 0o600)
+    return handle
+
+
+def public_error(err: BaseException) -> str:
+    """What a client sees of a failure: one line, no paths, no heap addresses; ours as written, others typed."""
+    if isinstance(err, (JobTimeoutError, MedsegError)):
+        return safe_reason(err)
+    return f"{type(err).__name__}: {safe_reason(err)}"
+
+
+class JobTimeoutError(Exception):
+    """A job ran past the service's compute time limit."""
 
 
 class QueueFullError(Exception):
@@ -49,6 +91,7 @@ class Job:
     folder: Path
     sha256: str
     tta: str | None
+    anonymize: bool = False  # de-identify the DICOM SEG
     status: JobStatus = JobStatus.queued
     progress: float = 0.0
     error: str | None = None
@@ -57,6 +100,7 @@ class Job:
     is_volume: bool = False
     is_dicom: bool = False
     scan: Scan | None = None  # dropped once the result files are written
+    reservation: Any = None  # its share of the memory budget (``budget.Reservation``), released when it ends
 
     def public(self) -> dict[str, Any]:
         return {"job_id": self.id, "status": str(self.status), "progress": round(self.progress, 4), "error": self.error}
@@ -66,12 +110,30 @@ class JobQueue:
     """``submit`` a scan, the worker predicts it and writes the result files into the job's folder.
 
     ``predictor``: a ``medseg.inference.Predictor`` (or anything with its ``predict_scan``/``cfg``/``labels``).
+
+    ``work_dir`` belongs to this queue alone (a lock file says so; a second process gets ``MedsegError``). Jobs
+    live in memory, so job folders found there at start-up are from a process that died: they are deleted
+    (they may hold DICOM SEGs with patient data). Folders are ``0700``, files ``0600``.
     """
 
-    def __init__(self, predictor: Any, work_dir: Path, max_queued: int, job_ttl_s: float, max_jobs: int):
+    def __init__(self, predictor: Any, work_dir: Path, max_queued: int, job_ttl_s: float, max_jobs: int,
+                 job_timeout_s: float = math.inf):
         self.predictor = predictor
+        self.job_timeout_s = job_timeout_s
+        self.salt = secrets.token_hex(16)  # hashes DICOM UIDs of anonymized SEGs; never leaves this process
+        self._deadline: float | None = None  # of the running job (monotonic clock); None while idle
         self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.work_dir.chmod(0o700)
+        except PermissionError:  # a mounted folder owned by someone else: its owner decides
+            log.warning("work_dir %s: cannot make it private (0700)", self.work_dir.name)
+        self._lock_file = _lock_work_dir(self.work_dir)
+        stale = [p for p in self.work_dir.iterdir() if p.is_dir() and _JOB_FOLDER.fullmatch(p.name)]
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        if stale:
+            log.info("deleted %d job folder(s) left by a previous service process", len(stale))
         self.job_ttl_s = job_ttl_s
         self.max_jobs = max_jobs
         self._pending: queue.Queue[Job] = queue.Queue(maxsize=max_queued)
@@ -81,6 +143,11 @@ class JobQueue:
         self._seconds_per_job = 1.0  # running estimate for Retry-After
         self._takes_progress = "progress" in inspect.signature(predictor.predict_scan).parameters
         self._thread = threading.Thread(target=self._work, name="medseg-inference", daemon=True)
+        self._hooks = [
+            member.register_forward_pre_hook(self._check_deadline_hook)
+            for member in getattr(predictor, "members", None) or []
+            if hasattr(member, "register_forward_pre_hook")
+        ]
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -93,6 +160,23 @@ class JobQueue:
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+        for hook in self._hooks:  # the predictor may outlive this queue (tests, reloads)
+            hook.remove()
+        self._hooks = []
+        self._lock_file.close()  # releases the work_dir lock
+
+    # ----------------------------------------------------------------------------------------- time limit
+
+    def _check_deadline(self) -> None:
+        deadline = self._deadline
+        if deadline is not None and time.monotonic() > deadline and threading.current_thread() is self._thread:
+            raise JobTimeoutError(
+                f"the job ran past the service's compute time limit of {self.job_timeout_s:g} s "
+                "(job_timeout_s) and was stopped"
+            )
+
+    def _check_deadline_hook(self, _module: Any, _inputs: Any) -> None:
+        self._check_deadline()
 
     # --------------------------------------------------------------------------------------------- API
 
@@ -100,7 +184,8 @@ class JobQueue:
         """A fresh job id and its folder (the upload is stored there before the job exists)."""
         job_id = uuid.uuid4().hex
         folder = self.work_dir / job_id
-        folder.mkdir()
+        folder.mkdir(mode=0o700)
+        folder.chmod(0o700)  # mkdir's mode passes through the umask
         return job_id, folder
 
     def retry_after(self) -> int:
@@ -109,10 +194,12 @@ class JobQueue:
     def is_full(self) -> bool:
         return self._pending.full()
 
-    def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: str | None) -> Job:
-        """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder``)."""
-        job = Job(job_id, folder, sha256, tta, is_volume=scan.is_volume, is_dicom=scan.meta.get("format") == "dicom",
-                  scan=scan)
+    def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: str | None,
+               reservation: Any = None, anonymize: bool = False) -> Job:
+        """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder`` and releases
+        ``reservation``; once queued, the worker releases it when the job ends)."""
+        job = Job(job_id, folder, sha256, tta, anonymize, is_volume=scan.is_volume,
+                  is_dicom=scan.meta.get("format") == "dicom", scan=scan, reservation=reservation)
         with self._lock:
             self._jobs[job.id] = job
         try:
@@ -149,6 +236,7 @@ class JobQueue:
 
     def _progress(self, job: Job) -> Callable[[float], None]:
         def report(fraction: float) -> None:
+            self._check_deadline()
             job.progress = min(0.95, 0.05 + 0.9 * float(fraction))  # 1.0 only once the files are written
 
         return report
@@ -160,6 +248,7 @@ class JobQueue:
         assert scan is not None
         cfg = self.predictor.cfg.inference
         default_tta = cfg.tta
+        self._deadline = time.monotonic() + self.job_timeout_s if math.isfinite(self.job_timeout_s) else None
         try:
             # The worker is the only thread that touches the predictor, so a per-job TTA is a plain swap.
             if job.tta is not None:
@@ -168,20 +257,25 @@ class JobQueue:
                 pred = self.predictor.predict_scan(scan, progress=self._progress(job))
             else:
                 pred = self.predictor.predict_scan(scan)
+            self._check_deadline()
             job.progress = 0.95
             info = {
                 "job_id": job.id, "upload_sha256": job.sha256, "model": self.predictor.name,
                 "weights_hash": self.predictor.weights_hash, "tta": cfg.tta,
             }
-            write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info)
+            write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info,
+                          anonymize=job.anonymize, salt=self.salt)
             job.status, job.progress = JobStatus.done, 1.0
             log.info("job %s done in %.2f s", job.id, time.time() - start)
         except Exception as e:  # a broken scan or a writer bug fails this job, never the worker
-            job.status, job.error = JobStatus.failed, f"{type(e).__name__}: {e}"
+            job.status, job.error = JobStatus.failed, public_error(e)
             log.warning("job %s failed: %s", job.id, type(e).__name__)
         finally:
+            self._deadline = None
             cfg.tta = default_tta
             job.scan = None  # free the pixels (and DICOM headers) now; the files stay until the TTL
+            if job.reservation is not None:
+                job.reservation.release()
             job.finished = time.time()
             self._seconds_per_job = 0.7 * self._seconds_per_job + 0.3 * (job.finished - start)
 

@@ -16,16 +16,28 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, ScanReadError
 from medseg.inference.postprocess import measure
 from medseg.io import Geometry, Scan, write_mask
 from medseg.io.volume import write_volume
+
+# NIfTI-1 stores each dimension as a 16-bit integer: a scan with a longer side cannot get its mask file.
+MAX_SIDE = 32767
 
 MASK_NIFTI = "mask.nii.gz"
 MASK_PNG = "mask.png"
 MASK_DICOM_SEG = "mask_seg.dcm"
 UNCERTAINTY_NIFTI = "uncertainty.nii.gz"
 REPORT = "report.json"
+
+
+def check_result_shape(name: str, shape: tuple[int, ...]) -> None:
+    """Refuse, from the header, a scan whose mask could not be written (``ScanReadError``, one line)."""
+    if any(side > MAX_SIDE for side in shape):
+        raise ScanReadError(
+            f"{name}: {' x '.join(f'{s:,}' for s in shape)} pixels; a side longer than {MAX_SIDE:,} cannot be "
+            "written as a NIfTI mask (crop or downsample the image)"
+        )
 
 
 class MaskFormat(StrEnum):
@@ -46,9 +58,15 @@ def write_results(
     uncertainty: np.ndarray,
     labels: dict[int, dict[str, str]],
     info: dict[str, Any],
+    *,
+    anonymize: bool = False,
+    salt: str = "",
 ) -> dict[str, Path]:
-    """Write a job's result files into ``folder``; ``info`` (model, hashes, options) goes into the report."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write a job's result files into ``folder``; ``info`` (model, hashes, options) goes into the report.
+
+    ``anonymize``: the DICOM SEG is de-identified (``medseg.inference.deidentify``; UIDs hashed with ``salt``).
+    Every file is made ``0600`` (the folder is ``0700``): a mask of a DICOM input carries patient data."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     written = {"mask_nifti": write_mask(mask, scan, folder / MASK_NIFTI)}
     if not scan.is_volume:
         written["mask_png"] = write_mask(mask, scan, folder / MASK_PNG)
@@ -58,7 +76,7 @@ def write_results(
 
         try:
             written["mask_dicom_seg"] = write_dicom_seg(
-                scan, mask, labels, folder / MASK_DICOM_SEG,
+                scan, mask, labels, folder / MASK_DICOM_SEG, anonymize=anonymize, salt=salt,
                 model_name=str(info.get("model", "medseg")), model_version=str(info.get("weights_hash", "")),
             )
         except MedsegError as e:  # headers highdicom cannot use: the NIfTI mask is still worth having
@@ -71,10 +89,15 @@ def write_results(
         "spacing": list(scan.geometry.spacing),
         "measurements": measure(mask, scan.geometry, labels),
     }
+    if scan.meta.get("format") == "dicom":
+        report["dicom_seg_anonymized"] = anonymize
     if dicom_seg_error is not None:
         report["dicom_seg_error"] = dicom_seg_error
     (folder / REPORT).write_text(json.dumps(report, indent=1))
     written["report"] = folder / REPORT
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o600)
     return written
 
 

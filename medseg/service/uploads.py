@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from medseg.errors import MedsegError, ScanReadError, UnsupportedFormatError
-from medseg.io import Scan, read_scan
+from medseg.io import MAX_IMAGE_PIXELS, MAX_VOXELS, Scan, read_scan
+from medseg.io.checks import Admit
 from medseg.io.formats import SUFFIX_FORMATS, full_suffix
 
 CHUNK = 1024 * 1024
@@ -95,10 +96,15 @@ def store_upload(stream: BinaryIO, client_name: str | None, folder: Path, max_by
     return StoredUpload(final, digest.hexdigest(), size)
 
 
-def read_upload(upload: StoredUpload, series_uid: str | None = None) -> Scan:
+def read_upload(upload: StoredUpload, series_uid: str | None = None, *, max_voxels: int = MAX_VOXELS,
+                max_pixels: int = MAX_IMAGE_PIXELS, admit: Admit | None = None,
+                allow_missing_slices: bool = False) -> Scan:
     """Read a stored upload as a Scan (errors name ``upload<suffix>`` and the problem); the file is removed
-    afterwards, since the Scan holds everything prediction needs (DICOM headers included, without pixels)."""
+    afterwards, since the Scan holds everything prediction needs (DICOM headers included, without pixels).
+    Read in the readers' untrusted mode (only voxel data inside the upload itself), with the service's caps;
+    ``admit`` is asked before anything is decoded (see ``read_scan``)."""
     try:
-        return read_scan(upload.path, series_uid=series_uid)
+        return read_scan(upload.path, series_uid=series_uid, max_voxels=max_voxels, max_pixels=max_pixels,
+                         untrusted=True, admit=admit, allow_missing_slices=allow_missing_slices)
     finally:
         upload.path.unlink(missing_ok=True)

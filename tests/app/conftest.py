@@ -36,6 +36,7 @@ def app_env(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     audit = tmp_path / "audit.log"
     monkeypatch.setenv("MEDSEG_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("MEDSEG_AUDIT_LOG", str(audit))
+    monkeypatch.setenv("MEDSEG_UPLOAD_DIR", str(tmp_path / "uploads"))
     monkeypatch.delenv("MEDSEG_INFERENCE_URL", raising=False)
     monkeypatch.delenv("MEDSEG_MAX_UPLOAD_MB", raising=False)
     monkeypatch.delenv("MEDSEG_MAX_VOXELS", raising=False)

@@ -68,12 +68,18 @@ def audit_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(trained_models: Path, audit_log: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def upload_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("uploads")
+
+
+@pytest.fixture(scope="module")
+def server(trained_models: Path, audit_log: Path, upload_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not CHROMIUM.exists():
         pytest.fail("Chromium is missing: run scripts/install_browser_deps.sh")
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "app.log"
-    env = {**os.environ, "MEDSEG_AUDIT_LOG": str(audit_log)}
+    env = {**os.environ, "MEDSEG_AUDIT_LOG": str(audit_log), "MEDSEG_UPLOAD_DIR": str(upload_dir)}
     env.pop("MEDSEG_INFERENCE_URL", None)
     with open(log, "wb") as out:
         # Own process group: the CLI starts Streamlit as its child, and both must stop with the test.
@@ -163,3 +169,23 @@ def test_upload_an_image_and_see_mask_and_area(server: str, browser, datasets_di
         assert mask.text["Disclaimer"] == RESEARCH_NOTICE
     page.screenshot(path=str(ARTIFACTS / "03_after_view_change.png"))
     page.close()
+
+
+def test_closing_the_tab_deletes_the_upload(server: str, browser, datasets_dir: Path, upload_dir: Path) -> None:
+    """Issue 15: the staged upload was still on disk 200 s after the tab closed, until the server stopped."""
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    page.goto(server)
+    image = datasets_dir / "dsb2018_nuclei" / "images" / IMAGE
+    named = upload_dir.parent / "Doe_John_1970-01-01.png"
+    shutil.copy(image, named)
+    before = {p for p in upload_dir.rglob("*") if p.is_file()}  # other sessions' uploads (earlier tests)
+    page.get_by_test_id("stFileUploaderDropzoneInput").first.set_input_files(str(named))
+    page.get_by_test_id("stTable").wait_for(timeout=300_000)
+    staged = [p for p in upload_dir.rglob("*") if p.is_file() and p not in before]
+    assert [p.name for p in staged] == ["scan.png"], staged  # neutral name, in the session's folder
+    assert "Doe" not in " ".join(str(p) for p in upload_dir.rglob("*"))
+    page.close()
+    deadline = time.monotonic() + 180
+    while any(p.exists() for p in staged):
+        assert time.monotonic() < deadline, "the upload outlived its session by 3 minutes"
+        time.sleep(2)

@@ -93,3 +93,24 @@ def test_auto_window_is_one_scale_for_the_whole_volume(ct) -> None:
     value = ct.array[0].flat[0]
     where = np.argwhere(ct.array[-1] == value)[0]
     assert np.array_equal(a[0, 0], b[tuple(where)])
+
+
+# ------------------------------------------------------------------- bundle and service text (issue 15)
+
+HOSTILE = '<style>.stAlert{display:none}</style><input placeholder="password"> [sign in](http://x) $x$ :red[y]'
+
+
+def test_label_names_and_colours_cannot_inject_markup() -> None:
+    from app.escape import markdown_text
+    from app.viewer import swatch_html
+
+    swatch = swatch_html(HOSTILE, "#ff0000")
+    assert "<style" not in swatch and "<input" not in swatch and "&lt;style&gt;" in swatch
+    assert swatch.count("<div") == 1 and swatch.count('"') == 4  # one element, two quoted attributes
+    text = markdown_text(HOSTILE)
+    for raw in ("[sign in](", "$x$", ":red[", "<style>"):
+        assert raw not in text
+    # A colour a bundle or a service sends that is not #rrggbb/#rgb falls back to medseg's default.
+    colours = display.legend_colors({0: {"name": "bg"}, 1: {"name": "a", "color": "red;position:fixed"},
+                                     2: {"name": "b", "color": "#0f0"}})
+    assert colours[2] == "#00ff00" and colours[1].startswith("#") and len(colours[1]) == 7

@@ -193,13 +193,21 @@ def test_dicom_zip_with_two_series_asks_which_then_offers_dicom_seg(app_env: Pat
                                     "Bone (W 2500 / L 480)", "Brain (W 80 / L 40)", "Liver (W 150 / L 90)"]
 
 
-def test_dicom_with_a_missing_slice_warns(app_env: Path, datasets_dir: Path) -> None:
+def test_dicom_with_a_missing_slice_is_refused_unless_the_user_allows_it(app_env: Path, datasets_dir: Path) -> None:
     data = dicom_zip(datasets_dir, [0, 1, 2, 4, 5])  # slice 3 left out
     at = _upload(_app(), "gap.zip", data, "application/zip")
+    assert not at.exception
+    assert len(at.error) == 1 and "gap.zip: missing slices" in at.error[0].value
+    assert "result" not in at.session_state and _runs(at) == 0  # no silently shifted mask
+    at.checkbox(key=next(k for k in _keys(at, "checkbox") if k.startswith("allow_missing_"))).check()
+    at.run()
     _assert_clean(at)
     notes = [w.value for w in at.warning if "missing slices" in w.value]
     assert len(notes) == 1 and "gap.zip" in notes[0]
     assert at.session_state["result"].mask.shape == (5, 512, 512)
+    at.run()  # the choice persists on the next rerun
+    _assert_clean(at)
+    assert _runs(at) == 1
 
 
 def test_corrupt_file_gets_a_one_line_error_naming_it(app_env: Path) -> None:
@@ -243,3 +251,44 @@ def test_remote_service_mode_segments_through_the_service(
     assert _table(at).iloc[0]["Pixels"] == np.count_nonzero(result.mask == 1)
     record = json.loads(app_env.read_text().splitlines()[-1])
     assert record["remote"] is True and record["weights_hash"] == result.info.weights_hash
+
+
+def test_bundle_label_names_are_shown_as_text_not_markup(app_env: Path, datasets_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: a crafted labels.json hid the research-use banner (CSS) and showed a fake sign-in field."""
+    from app_inputs import make_tiny_bundle
+
+    models = tmp_path / "models"
+    crafted = make_tiny_bundle(models / "crafted")
+    labels = json.loads((crafted / "labels.json").read_text())
+    hostile = '<style>.stAlert{display:none}</style><input placeholder="Password"> [sign in](http://x)'
+    labels["1"]["name"] = hostile
+    (crafted / "labels.json").write_text(json.dumps(labels))
+    monkeypatch.setenv("MEDSEG_MODELS_DIR", str(models))
+    image = sorted((datasets_dir / "dsb2018_nuclei" / "images").glob("*.png"))[0]
+    at = _upload(_app(), image.name, image.read_bytes(), "image/png")
+    _assert_clean(at)
+    html = [e.proto.body for e in at.get("html")]
+    assert html, "the legend swatches are missing"
+    assert not any("<style" in body or "<input" in body for body in html), html
+    labels_shown = [c.label for c in at.checkbox]
+    assert not any("[sign in](" in label for label in labels_shown), labels_shown
+    assert _banner_shown(at)
+
+
+def test_uploads_sit_in_the_session_folder_under_neutral_names(app_env: Path, datasets_dir: Path,
+                                                               tmp_path: Path) -> None:
+    import time
+
+    from app import session_files
+
+    image = sorted((datasets_dir / "dsb2018_nuclei" / "images").glob("*.png"))[0]
+    at = _upload(_app(), "Doe_John_1970-01-01.png", image.read_bytes(), "image/png")
+    _assert_clean(at)
+    root = tmp_path / "uploads"
+    staged = [p for p in root.rglob("*") if p.is_file()]
+    assert [p.name for p in staged] == ["scan.png"] and "Doe" not in str(staged)
+    assert "Doe_John_1970-01-01.png" in " ".join(c.value for c in at.caption)  # the page names the user's file
+    # The session ends (the runtime no longer lists it): its folder goes at the next sweep after the grace.
+    session_files.sweep(root, lambda _sid: False, idle_s=0, now=time.time() + session_files.GONE_GRACE_S + 1)
+    assert not any(p.exists() for p in staged)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import gzip
 import io
+import re
 import zipfile
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 from app_inputs import dicom_zip
 
 from app.settings import ZIP_EXPANSION_ALLOWANCE, load_settings
-from app.uploads import StagedUpload, UploadedBytes, UploadError, read_ground_truth, read_staged
-from medseg.errors import ScanReadError, UnsafeArchiveError
+from app.uploads import SCAN_TYPES, StagedUpload, UploadedBytes, UploadError, read_ground_truth, read_staged
+from medseg.errors import ScanReadError, UnsafeArchiveError, UnsupportedFormatError
 from medseg.io import read_scan
 
 LABELS = {0: {"name": "background"}, 1: {"name": "anterior"}, 2: {"name": "posterior"}}
@@ -70,8 +71,10 @@ def test_zip_caps_apply_to_uploads(datasets_dir: Path, monkeypatch: pytest.Monke
         zf.writestr("seg.nii", raw)
     data = buf.getvalue()
     assert len(data) < 1024**2
-    with pytest.raises(UnsafeArchiveError, match="series.zip: uncompressed size exceeds the cap"):
-        StagedUpload(UploadedBytes.from_files([("series.zip", data)]), load_settings())
+    stage = StagedUpload(UploadedBytes.from_files([("series.zip", data)]), load_settings())
+    with pytest.raises(UnsafeArchiveError, match="^series.zip: uncompressed size exceeds the cap"):
+        read_staged(stage, load_settings())
+    stage.close()
 
 
 def test_staged_files_are_deleted_with_the_session(datasets_dir: Path, settings) -> None:
@@ -79,7 +82,7 @@ def test_staged_files_are_deleted_with_the_session(datasets_dir: Path, settings)
     stage = StagedUpload(UploadedBytes.from_files([("ct.zip", data)]), settings)
     root = stage.root
     result = read_staged(stage, settings)
-    assert all(Path(f).is_file() for f in result.scan.meta["dicom_files"])  # kept for the DICOM SEG export
+    assert result.scan.spatial_shape[0] == 3 and len(result.scan.meta["dicom_datasets"]) == 3  # SEG export needs these
     del stage, result
     gc.collect()
     assert not root.exists()  # dropping the session's state removes the files
@@ -105,3 +108,68 @@ def test_ground_truth_values_map_like_the_training_masks(datasets_dir: Path, set
     two_class = {0: {"name": "background"}, 1: {"name": "nucleus"}}
     with pytest.raises(ScanReadError, match=r"hippocampus_001.nii.gz: ground truth holds values \[2\]"):
         read_ground_truth(truth_file.name, truth_file.read_bytes(), scan, two_class, {0: 0, 255: 1}, settings)
+
+
+def _refused_as_scan_and_as_truth(name: str, data: bytes, settings, folder: Path, error: type, reason: str) -> None:
+    """The upload is refused by name, for ``reason``, both as the scan and as a ground truth."""
+    stage = StagedUpload(UploadedBytes.from_files([(name, data)]), settings)
+    with pytest.raises(error, match=rf"^{re.escape(name)}: .*{reason}"):
+        read_staged(stage, settings)
+    stage.close()
+    with pytest.raises(error, match=rf"^{re.escape(name)}: .*{reason}"):
+        read_ground_truth(name, data, read_scan(np_image(folder)), LABELS, {}, settings)
+
+
+def test_uploaded_headers_cannot_read_server_files(settings, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(range(1, 17)))
+    header = ("ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\n"
+              f"ElementDataFile: {secret}\n").encode()
+    # As a ground truth the secret's bytes would come back as "values" in the error message.
+    _refused_as_scan_and_as_truth("scan.mha", header, settings, tmp_path, UnsupportedFormatError, "inside the file")
+    assert "mhd" not in SCAN_TYPES and "raw" not in SCAN_TYPES  # detached pairs are not offered
+
+
+def np_image(folder: Path) -> Path:
+    import SimpleITK as sitk
+
+    path = folder / "image.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4), np.uint8)), str(path))
+    return path
+
+
+def test_voxel_cap_is_checked_from_the_header_before_decoding(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from medseg.errors import ScanTooLargeError
+
+    monkeypatch.setenv("MEDSEG_MAX_VOXELS", "100000")
+    buf = io.BytesIO()
+    Image.new("L", (9400, 9400)).save(buf, format="PNG")
+    bomb = buf.getvalue()[:1024]  # a valid header over a cut stream: only the header can be read
+    _refused_as_scan_and_as_truth("bomb.png", bomb, load_settings(), tmp_path, ScanTooLargeError,
+                                  "header announces 88,360,000 samples")
+
+
+def test_total_upload_size_is_checked_as_files_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: the total was checked only after every file had been copied into one upload."""
+    from app.uploads import collect_upload
+
+    class Chosen:  # what Streamlit's UploadedFile offers: its size without reading, and its bytes
+        copied: list[str] = []
+
+        def __init__(self, name: str, size: int):
+            self.name, self.size = name, size
+
+        def getvalue(self) -> bytes:
+            Chosen.copied.append(self.name)
+            return bytes(self.size)
+
+    monkeypatch.setenv("MEDSEG_MAX_UPLOAD_MB", "10")
+    files = [Chosen(f"IM{i:04d}.dcm", 4 * 1024**2) for i in range(6)]
+    with pytest.raises(UploadError, match=r"above this server's limit of 10 MB; upload fewer files"):
+        collect_upload(files, load_settings())
+    assert Chosen.copied == ["IM0000.dcm", "IM0001.dcm"]  # the third passes the cap: nothing more is copied
+    Chosen.copied.clear()
+    upload = collect_upload(files[:2], load_settings())
+    assert upload.total_bytes == 8 * 1024**2 and len(Chosen.copied) == 2

@@ -136,3 +136,19 @@ def test_extracted_zip_removes_its_folder_even_on_error(
 
     folder = extract_zip_safely(archive, tmp_path / "kept")
     assert (folder / "dir" / "x.txt").read_bytes() == b"hello"
+
+
+def _dest_bytes(dest: Path) -> int:
+    return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+
+
+def test_many_small_members_are_a_zip_bomb_together(tmp_path: Path) -> None:
+    """Issue 15: members under 1 MiB skipped the ratio check; a 340 KB zip wrote 306 MB before being refused."""
+    archive = _zip(tmp_path / "small_bombs.zip", {f"m{i:03d}.dcm": bytes(900 * 1024) for i in range(60)})
+    assert archive.stat().st_size < 200 * 1024
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchiveError, match=r"small_bombs\.zip: members unpack at a compression ratio of "
+                                                 r"[\d,]+:1 together, above the cap of 200:1"):
+        safe_extract_zip(archive, dest)
+    assert _dest_bytes(dest) == 0  # refused from the declared sizes, before writing

@@ -14,6 +14,7 @@ import pytest
 
 from medseg.errors import ScanReadError
 from medseg.io import (
+    MissingSlicesError,
     MultipleSeriesError,
     ScanReadWarning,
     is_dicom_folder,
@@ -103,10 +104,13 @@ def test_single_dicom_file_is_a_2d_scan(ct_dicom_dir: Path) -> None:
     assert scan.array.min() == -1024
 
 
-def test_missing_slice_warns(ct_copy: Path) -> None:
+def test_missing_slice_is_an_error_unless_allowed(ct_copy: Path) -> None:
+    """Issue 15: a series with a gap was segmented at an averaged spacing, the mask shifted, with exit 0."""
     (ct_copy / "IM0010.dcm").unlink()
+    with pytest.raises(MissingSlicesError, match=r"^ct: missing slices: about 1 slice\(s\) absent \(gaps of 4\.00 mm"):
+        read_scan(ct_copy)
     with pytest.warns(ScanReadWarning, match="missing slices") as record:
-        scan = read_scan(ct_copy)
+        scan = read_scan(ct_copy, allow_missing_slices=True)
     assert scan.array.shape[0] == 19
     assert "4.00 mm" in str(record[0].message)  # the gap is named, against the 2 mm spacing
 
@@ -164,11 +168,14 @@ def test_truncated_slice_names_the_file(ct_copy: Path) -> None:
         read_scan(ct_copy)
 
 
-def test_unparsable_dcm_beside_a_series_is_skipped_with_a_warning(ct_copy: Path) -> None:
-    (ct_copy / "IM0021.dcm").write_bytes(b"garbage" * 20)
-    with pytest.warns(ScanReadWarning, match=r"1 \.dcm file\(s\) could not be parsed .*IM0021\.dcm"):
-        scan = read_scan(ct_copy)
-    assert scan.array.shape == (20, 512, 512)
+def test_unreadable_slice_is_an_error_unless_allowed(ct_copy: Path) -> None:
+    """Issue 15: a series with one unreadable slice was segmented as 19 slices at an averaged spacing."""
+    (ct_copy / "IM0010.dcm").write_bytes(b"garbage" * 20)
+    with pytest.raises(MissingSlicesError, match=r"^ct: 1 \.dcm file\(s\) could not be parsed \(e\.g\. IM0010\.dcm\)"):
+        read_scan(ct_copy)
+    with pytest.warns(ScanReadWarning, match=r"1 \.dcm file\(s\) could not be parsed .*IM0010\.dcm"):
+        scan = read_scan(ct_copy, allow_missing_slices=True)
+    assert scan.array.shape == (19, 512, 512)
 
 
 def test_empty_and_non_dicom_folders_give_clear_errors(tmp_path: Path) -> None:

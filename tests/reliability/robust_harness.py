@@ -6,7 +6,8 @@
   test process down.
 * ``Outcome.verdict``: ``ok`` (a valid result), ``error`` (a ``MedsegError`` whose one-line message names
   the file and leaks no directory), or a failure: ``bad_error`` (MedsegError without those properties),
-  ``crash`` (any other exception, or the process died), ``oom`` (MemoryError under the cap), ``hang``.
+  ``crash`` (any other exception, or the process died), ``oom`` (MemoryError under the cap), ``hang``,
+  ``leak`` (the scan returned holds the bytes of a file outside the input: see ``hostile_header_cases``).
 * Seed files derived from the real datasets, mutators (truncate, bit flips, chunk-aware PNG edits with
   fixed CRCs, NIfTI header fields), and catalogues of crafted inputs (absurd headers, zip bombs, zip slip,
   thousands of members, nested zips) that tests and the benchmark both run.
@@ -50,7 +51,7 @@ MEMORY_BUDGET_MB = int(os.environ.get("MEDSEG_FUZZ_MEMORY_MB", 4096))
 FUZZ_EXAMPLES = int(os.environ.get("MEDSEG_FUZZ_EXAMPLES", 25))
 FUZZ_RANDOM = bool(os.environ.get("MEDSEG_FUZZ_RANDOM"))
 
-FAILURES = ("bad_error", "crash", "oom", "hang")
+FAILURES = ("bad_error", "crash", "oom", "hang", "leak")
 # Resident memory one case may add (peak, measured per case) before it counts as out of memory: RLIMIT_AS makes
 # Python raise MemoryError, but C++ readers catch std::bad_alloc and report a plain error, so the peak is
 # watched too. The largest legitimate seed case (an 81-Mpx PNG) peaks near 300 MB.
@@ -59,7 +60,7 @@ MEMORY_FLAG_MB = int(os.environ.get("MEDSEG_FUZZ_MEMORY_FLAG_MB", 1024))
 
 @dataclass
 class Outcome:
-    verdict: str  # ok | error | bad_error | crash | oom | hang
+    verdict: str  # ok | error | bad_error | crash | oom | hang | leak
     message: str = ""  # the error message (error/bad_error), exception/signal (crash), result summary (ok)
     seconds: float = 0.0
     case: str = ""
@@ -120,12 +121,22 @@ def _check_scan(scan: Any) -> str:
     return f"{arr.shape} {arr.dtype} spacing={tuple(round(s, 4) for s in g.spacing)}"
 
 
+class LeakError(Exception):
+    """A reader returned the bytes of a file outside its input."""
+
+
 def _run_reader(reader: str, path: str, kwargs: dict[str, Any]) -> str:
     """Run one reader; return a summary of a valid result (raises on errors)."""
     if reader in ("read_scan", "read_mask"):
         import medseg.io as mio
 
-        return _check_scan(getattr(mio, reader)(path, **kwargs))
+        secret = kwargs.pop("secret", None)  # a file outside the input the reader must never return
+        scan = getattr(mio, reader)(path, **kwargs)
+        if secret is not None:
+            data = scan.array.tobytes()
+            if data and data in Path(secret).read_bytes():
+                raise LeakError(f"{len(data)} bytes of {Path(secret).name}, outside the input, came back as voxels")
+        return _check_scan(scan)
     if reader == "list_dicom_series":
         from medseg.io import list_dicom_series
 
@@ -209,6 +220,8 @@ def worker_main() -> None:
             res = {"verdict": "error", "message": str(e)}
         except MemoryError as e:
             res = {"verdict": "oom", "message": f"MemoryError: {e}"}
+        except LeakError as e:
+            res = {"verdict": "leak", "message": str(e)}
         except AssertionError as e:
             res = {"verdict": "crash", "message": f"invalid result: {e}"}
         except Exception as e:  # noqa: BLE001 - anything else escaping a reader is a bug in medseg
@@ -520,6 +533,7 @@ class Case:
     reader: str = "read_scan"
     expect: str = "error"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    message: str = ""  # a fragment the error message must hold (the reason), when set
 
 
 def _write(folder: Path, name: str, data: bytes) -> Path:
@@ -818,6 +832,136 @@ def absurd_header_cases(seeds: Seeds, folder: Path) -> list[Case]:
     return cases
 
 
+# Bytes a hostile header points at: a scan holding any run of them was read from outside the input.
+SECRET = bytes(range(1, 256)) * 64
+METAIMAGE_DATA_LINES = {
+    "equals": "ElementDataFile = {}", "colon": "ElementDataFile: {}", "colon_tight": "ElementDataFile:{}",
+    "tabs": "ElementDataFile\t=\t{}", "indented": "   ElementDataFile = {}", "colon_equals": "ElementDataFile := {}",
+    "double_equals": "ElementDataFile == {}", "trailing_blanks": "ElementDataFile \t= {}  \t",
+    "list": "ElementDataFile = LIST\n{}", "pattern": "ElementDataFile = {}%d 0 0 1",
+}
+NRRD_DATA_LINES = {
+    "data_file": "data file: {}", "datafile": "datafile: {}", "upper": "DATA FILE: {}", "camel": "DataFile: {}",
+    "two_spaces": "data file:  {}", "tab": "data file: \t{}", "list": "data file: LIST\n{}",
+    "pattern": "data file: {}%d 0 0 1",
+}
+HEADER_PADDINGS = {"short": 0, "70kB": 70_000, "1MB": 1_000_000}  # the old guard searched the first 64 KiB
+
+
+def hostile_header_cases(seeds: Seeds, folder: Path) -> list[Case]:
+    """Headers that attack the reader rather than confuse it (issue 15).
+
+    * Data-file references: MetaImage and NRRD headers (.mha/.mhd, .nrrd/.nhdr) pointing their voxels at a
+      secret file outside the input folder, in every separator and spelling ITK accepts, behind headers of
+      every length, with LF/CRLF/CR line ends, as LIST and %d patterns, by absolute and by ``../`` path; each
+      read as an upload (``untrusted``) and as a local file. Expected: a one-line error every time; a scan
+      holding the secret's bytes is a ``leak``.
+    * Header tricks that make a text search and ITK disagree: a name line without separator (MetaIO takes its
+      value from the next line), a NUL inside the field name.
+    * Voxel-count bombs in every format: files of a few hundred bytes whose headers announce 10^10 and more
+      samples (PNG, JPEG, TIFF, NIfTI, NRRD, MetaImage, a DICOM file and a zipped DICOM series), read with the
+      service's kind of cap: refused from the header (``above the cap``), never decoded.
+    """
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    secret = _write(folder / "outside", "secret.bin", SECRET)
+    _write(folder / "outside", "secret0", SECRET)  # what the %d patterns below expand to
+    cases: list[Case] = []
+
+    def add(fmt: str, name: str, data: bytes, *, upload: bool, message: str = "") -> None:
+        path = _write(folder / ("upload" if upload else "local") / name.rsplit(".", 1)[0], name, data)
+        cases.append(Case(fmt, f"{'upload' if upload else 'local'}/{name}", path, kwargs={
+            "untrusted": upload, "secret": str(secret)}, message=message))
+
+    def padding(kind: str, size: int, eol: str, metaimage: bool) -> str:
+        if not size:
+            return ""
+        line = ("Comment = padding line" if metaimage else "# padding line") + eol
+        return line * (size // len(line) + 1)
+
+    mha_head = ["ObjectType = Image", "NDims = 2", "DimSize = 16 16", "ElementType = MET_UCHAR"]
+    nrrd_head = ["NRRD0004", "type: uint8", "dimension: 2", "sizes: 16 16", "encoding: raw"]
+    targets = {"abs": str(secret), "rel": f"../../outside/{secret.name}"}
+    for upload in (True, False):
+        expected = "inside the file" if upload else ""
+        for syntax, line in METAIMAGE_DATA_LINES.items():
+            for pad, size in HEADER_PADDINGS.items():
+                for eol_name, eol in (("lf", "\n"), ("crlf", "\r\n")):
+                    for target_name, target in targets.items():
+                        if pad != "short" and (target_name == "rel" or eol_name == "crlf"):
+                            continue  # long headers: one spelling of the rest is enough
+                        ref = target[: -len(secret.name)] + "secret" if syntax == "pattern" else target
+                        body = eol.join(mha_head) + eol + padding(pad, size, eol, True) + line.format(ref) + eol
+                        for suffix in (".mha", ".mhd"):
+                            reason = "detached header" if upload and suffix == ".mhd" else expected
+                            add("mha", f"ref_{syntax}_{pad}_{eol_name}_{target_name}{suffix}", body.encode(),
+                                upload=upload, message=reason)
+        for syntax, line in NRRD_DATA_LINES.items():
+            for pad, size in HEADER_PADDINGS.items():
+                for eol_name, eol in (("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")):
+                    for target_name, target in targets.items():
+                        if pad != "short" and (target_name == "rel" or eol_name != "lf"):
+                            continue
+                        ref = target[: -len(secret.name)] + "secret" if syntax == "pattern" else target
+                        tail = eol if syntax == "list" else eol + eol
+                        body = eol.join(nrrd_head) + eol + padding(pad, size, eol, False) + line.format(ref) + tail
+                        for suffix in (".nrrd", ".nhdr"):
+                            reason = "detached header" if upload and suffix == ".nhdr" else expected
+                            add("nrrd", f"ref_{syntax}_{pad}_{eol_name}_{target_name}{suffix}", body.encode(),
+                                upload=upload, message=reason)
+        head = "\n".join(mha_head) + "\n"
+        add("mha", "trick_no_separator.mha",
+            f"{head}Junk\nElementDataFile = LOCAL\nElementDataFile = {secret}\n".encode(), upload=upload,
+            message="without '=' or ':'")
+        # MetaIO compares names up to a NUL: it stops at the first line; a search for the exact name, at the second.
+        add("mha", "trick_nul_in_name.mha",
+            f"{head}ElementDataFile\x00x = {secret}\nElementDataFile = LOCAL\n".encode() + SECRET[:256],
+            upload=upload, message="NUL")
+
+    # ---- voxel-count bombs: tiny files, enormous headers, a 10-megavoxel cap as a service would set it
+    cap = {"max_voxels": 10_000_000, "max_pixels": 10_000_000, "untrusted": True}
+
+    def bomb(fmt: str, name: str, data: bytes) -> None:
+        path = _write(folder / "bombs", name, data)
+        cases.append(Case(fmt, f"bomb/{name}", path, kwargs=dict(cap), message="above the cap"))
+
+    png = seeds.data("png")
+    bomb("png", "bomb_60000x60000.png", png_with_ihdr(png, width=60000, height=60000)[:400])
+    with open(seeds["jpg"], "rb") as f:
+        jpg = bytearray(f.read())
+    sof = next(i for i in range(len(jpg) - 1) if jpg[i] == 0xFF and jpg[i + 1] in (0xC0, 0xC2))
+    struct.pack_into(">HH", jpg, sof + 5, 65000, 65000)
+    bomb("jpg", "bomb_65000x65000.jpg", bytes(jpg))
+    with open(seeds["tiff"], "rb") as f:
+        tif = f.read()
+    bomb("tiff", "bomb_100000x100000.tif", _tiff_set_tag(tif, 256, 100_000, 257, 100_000))
+    raw_nii = gzip.decompress(seeds.data("nifti"))
+    header = nifti_set(raw_nii[:352], dim=(3, 3000, 3000, 3000, 1, 1, 1, 1))
+    bomb("nifti", "bomb_3000cubed.nii.gz", gzip.compress(header + b"\x00" * 64))
+    bomb("nifti", "bomb_3000cubed.nii", header + b"\x00" * 64)
+    bomb("nrrd", "bomb_5000cubed.nrrd", b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 5000 5000 5000\n"
+                                          b"encoding: gzip\n\n" + gzip.compress(b"\x00" * 1000))
+    bomb("mha", "bomb_5000cubed.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 5000 5000 5000\n"
+                                        b"ElementType = MET_UCHAR\nCompressedData = True\nElementDataFile = LOCAL\n"
+                                        + zlib.compress(b"\x00" * 1000))
+    ds = pydicom.dcmread(seeds["dicom_raw"])
+    ds.Rows = ds.Columns = 65535
+    out = io.BytesIO()
+    ds.save_as(out)
+    bomb("dicom", "bomb_65535x65535.dcm", out.getvalue())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i, src in enumerate(sorted(Path(seeds["dicom_series"]).glob("*.dcm"))):
+            slice_ds = pydicom.dcmread(src)
+            slice_ds.Rows = slice_ds.Columns = 40000
+            out = io.BytesIO()
+            slice_ds.save_as(out)
+            zf.writestr(f"series/IM{i:04d}.dcm", out.getvalue())
+    bomb("zip", "bomb_series_6x40000x40000.zip", buf.getvalue())
+    return cases
+
+
 def _tiff_set_tag(data: bytes, *tag_values: int) -> bytes:
     """Rewrite SHORT/LONG values of tags in the first IFD of a little-endian TIFF (pairs tag, value)."""
     assert data[:2] == b"II"
@@ -944,7 +1088,7 @@ def zip_cases(seeds: Seeds, folder: Path) -> list[Case]:
     # Damaged content inside a valid zip.
     damaged = dict(series_members)
     damaged["series/IM0003.dcm"] = damaged["series/IM0003.dcm"][:2000]
-    add("series_truncated_slice.zip", zf(damaged), expect="ok")  # read without it, with warnings (see tests)
+    add("series_truncated_slice.zip", zf(damaged))  # a slice that cannot be parsed: refused (see tests)
     flipped = dict(series_members)
     flipped["series/IM0002.dcm"] = flip_bits(flipped["series/IM0002.dcm"], range(5000, 5400, 7))
     add("series_flipped_slice.zip", zf(flipped), expect="any")
@@ -1122,6 +1266,8 @@ def expectation_problem(case: Case, outcome: Outcome) -> str | None:
         return str(outcome)
     if case.expect != "any" and outcome.verdict != case.expect:
         return f"{outcome} (expected {case.expect})"
+    if case.message and outcome.verdict == "error" and case.message not in outcome.message:
+        return f"{outcome} (expected the reason {case.message!r})"
     return None
 
 

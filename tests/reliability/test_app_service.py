@@ -28,6 +28,7 @@ from medseg.io import read_scan
 REPO = Path(__file__).resolve().parents[2]
 APP_SCRIPT = REPO / "app" / "streamlit_app.py"
 TIMEOUT = 300  # seconds per AppTest script run / service job on a shared 2-core CPU
+CLIENT = {"X-Medseg-Client": "tests"}  # the service refuses POSTs without it
 pytestmark = pytest.mark.skipif(not APP_SCRIPT.is_file() or not (REPO / "medseg/service/app.py").is_file(),
                                 reason="app/ or medseg/service not present")
 
@@ -244,7 +245,7 @@ def test_service_logs_and_results_hold_no_identifiers(random_bundle: Path, ident
     texts: list[str] = []
     responses = tmp_path / "responses"
     responses.mkdir()
-    with running_service(random_bundle, tmp_path / "work") as url, httpx.Client(base_url=url, timeout=60) as client:
+    with running_service(random_bundle, tmp_path / "work") as url, httpx.Client(base_url=url, timeout=60, headers=CLIENT) as client:
         job, status = _segment(client, "upload.zip", identified_zip)
         assert status["status"] == "done", status
         texts.append(json.dumps(status))
@@ -281,7 +282,7 @@ def test_service_eight_concurrent_clients_get_their_own_masks(random_bundle: Pat
     barrier = threading.Barrier(len(paths))
 
     def client_run(i: int, url: str) -> np.ndarray:
-        with httpx.Client(base_url=url, timeout=120) as client:
+        with httpx.Client(base_url=url, timeout=120, headers=CLIENT) as client:
             barrier.wait()
             job, status = _segment(client, paths[i].name, paths[i].read_bytes())
             assert status["status"] == "done", (paths[i].name, status)

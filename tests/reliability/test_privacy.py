@@ -58,7 +58,7 @@ def test_cli_predict_leaks_no_identifiers(random_bundle: Path, identified_inputs
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONWARNINGS": "always"}
     proc = subprocess.run(
         [sys.executable, "-m", "medseg.cli", "predict", str(random_bundle), str(identified_inputs), "--out", str(out),
-         "--device", "cpu", "--probabilities", "--uncertainty", "--dicom-seg", "--anonymize"],
+         "--device", "cpu", "--probabilities", "--uncertainty", "--dicom-seg", "--anonymize", "--allow-missing-slices"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     output = proc.stdout + proc.stderr

@@ -61,10 +61,12 @@ def running_service(predictor: Any, settings: ServiceSettings, model_card: str =
     import uvicorn
 
     from medseg.service.app import create_app
+    from medseg.service.server import uvicorn_options
 
     app = create_app(predictor, settings, model_card)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning",
+                                           **uvicorn_options(settings)))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -56,3 +56,14 @@ def test_serve_command_rejects_a_missing_bundle(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["serve", str(tmp_path / "nope"), "--port", str(free_port())])
     assert res.exit_code == 1
     assert "not a bundle directory" in res.output
+
+
+def test_trusted_hosts_default_follows_the_listening_address(caplog) -> None:
+    from medseg.service.server import with_default_hosts
+    from medseg.service.settings import ServiceSettings
+
+    assert with_default_hosts(ServiceSettings(), "127.0.0.1").trusted_hosts is None  # -> the loopback names
+    assert with_default_hosts(ServiceSettings(), "localhost").trusted_hosts is None
+    assert with_default_hosts(ServiceSettings(), "0.0.0.0").trusted_hosts == ("*",)
+    assert "MEDSEG_SERVICE_TRUSTED_HOSTS" in caplog.text
+    assert with_default_hosts(ServiceSettings(trusted_hosts=("gpu-1",)), "0.0.0.0").trusted_hosts == ("gpu-1",)
