@@ -410,20 +410,19 @@ def cv(
     epochs: EpochsOpt = None,
     limit_cases: LimitCasesOpt = None,
     resume: Annotated[bool, typer.Option(help="Keep finished folds, resume an interrupted one")] = False,
-    max_minutes_per_fold: Annotated[float | None, typer.Option(help="Wall-clock budget per fold")] = None,
+    max_minutes_per_fold: Annotated[float | None, typer.Option(help="Wall-clock budget per fold (train.budget_minutes): "
+                                                              "each fold's schedule is laid over it")] = None,
     oof_format: Annotated[str, typer.Option(help="auto | npz | nifti for the out-of-fold probability maps")] = "auto",
     device: Annotated[str, typer.Option(help="Device for out-of-fold prediction")] = "auto",
     set_: Sets = None,
 ) -> None:
     """K-fold cross-validation: out-of-fold probabilities and metrics, and one bundle of the K fold models."""
-    from datetime import timedelta
-
     try:
-        cfg = _load_cfg(config, data, set_, epochs, limit_cases)
+        sets = [*(set_ or []), *([f"train.budget_minutes={max_minutes_per_fold}"] if max_minutes_per_fold else [])]
+        cfg = _load_cfg(config, data, sets, epochs, limit_cases)
         from medseg.engine.cv import cross_validate
 
-        budget = timedelta(minutes=max_minutes_per_fold) if max_minutes_per_fold else None
-        result = cross_validate(cfg, out, folds, resume=resume, max_time_per_fold=budget, oof_format=oof_format, device=device)
+        result = cross_validate(cfg, out, folds, resume=resume, oof_format=oof_format, device=device)
     except MedsegError as e:
         _fail(e)
         return
@@ -452,18 +451,16 @@ def tune(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/tune"),
     epochs: EpochsOpt = None,
     limit_cases: LimitCasesOpt = None,
-    max_minutes_per_trial: Annotated[float | None, typer.Option(help="Wall-clock budget per trial")] = None,
+    max_minutes_per_trial: Annotated[float | None, typer.Option(help="Wall-clock budget per trial (train.budget_minutes)")] = None,
     set_: Sets = None,
 ) -> None:
     """Optuna search over tune.space with pruning; run it in several processes on one --storage to parallelise."""
-    from datetime import timedelta
-
     try:
-        cfg = _load_cfg(config, data, set_, epochs, limit_cases)
+        sets = [*(set_ or []), *([f"train.budget_minutes={max_minutes_per_trial}"] if max_minutes_per_trial else [])]
+        cfg = _load_cfg(config, data, sets, epochs, limit_cases)
         from medseg.engine.tune import tune as run_tune
 
-        budget = timedelta(minutes=max_minutes_per_trial) if max_minutes_per_trial else None
-        result = run_tune(cfg, out, trials, storage=storage, study_name=study, max_time_per_trial=budget)
+        result = run_tune(cfg, out, trials, storage=storage, study_name=study)
     except MedsegError as e:
         _fail(e)
         return

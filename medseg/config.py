@@ -176,6 +176,8 @@ class TrainConfig(_Section):
     val_every: int = 1
     early_stop_patience: int | None = None
     precision: str = "32-true"  # 16-mixed / bf16-mixed on GPU
+    channels_last: bool = False  # NHWC activations (oneDNN / cuDNN convolutions are faster in it; the plan decides)
+    compile: bool = False  # torch.compile the network for training (falls back to eager if compiling fails)
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1  # multi-node DDP (torchrun --nnodes): devices × num_nodes must equal the world size

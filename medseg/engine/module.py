@@ -5,6 +5,8 @@ Lightning's Trainer owns the loop, precision, accumulation, clipping, checkpoint
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import numpy as np
 import torch
@@ -19,6 +21,8 @@ from medseg.metrics import per_label_metrics
 from medseg.models import EncoderFeatureCache, build_model
 from medseg.models.transfer import apply_transfer_strategy, param_groups, unfreeze_for_epoch
 from medseg.transforms.augment_mix import mix_batch, mixed_loss
+
+log = logging.getLogger("medseg")
 
 
 class SegModule(L.LightningModule):
@@ -48,9 +52,32 @@ class SegModule(L.LightningModule):
         # Real steps -> steps of the nominal schedule; a budget re-plan stretches or squeezes the rest of it.
         self.schedule_clock: ScheduleClock | None = None
         self._nominal_snapshots: list[int] = []
+        self._compiled = None
+        self._compile_failed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def _net(self, x: torch.Tensor):
+        """The network on a training batch: channels-last and/or compiled when configured (``train.channels_last``,
+        ``train.compile``); a compile that fails is reported once and the run goes on eagerly."""
+        t = self.cfg.train
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if t.compile and self._compiled is None and not self._compile_failed:
+            self._compiled = torch.compile(self.model)
+        if self._compiled is not None:
+            try:
+                return self._compiled(x)
+            except Exception as e:  # noqa: BLE001 - no C++ compiler, an unsupported op: eager still trains
+                log.warning("train.compile: torch.compile failed (%s: %s); training eagerly", type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "")
+                self._compiled, self._compile_failed = None, True
+        return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        if self.cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------------------------------- train
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -89,7 +116,7 @@ class SegModule(L.LightningModule):
             a = self.cfg.augment
             mixed = mix_batch(batch["image"], label, batch.get("weight"), a.mixup, a.cutmix,
                               mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, generator=self.mix_generator)
-            loss = mixed_loss(self.loss_fn, self.model(mixed.image), mixed)
+            loss = mixed_loss(self.loss_fn, self._net(mixed.image), mixed)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self._epoch_loss_sum += loss.detach() * bs  # a tensor: no GPU sync per step
         self._epoch_samples += bs

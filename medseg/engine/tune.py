@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -188,7 +189,9 @@ def make_objective(cfg: ExperimentConfig, out_dir: Path, progress: bool, max_tim
         result = train(trial_cfg, run_dir, resume=retried, progress=progress, max_time=max_time,
                        extra_callbacks=[PyTorchLightningPruningCallback(trial, monitor="val_dice")])
         trial.set_user_attr("epochs", result.epochs_run)
-        return result.best_val_dice
+        trial.set_user_attr("best_checkpoint_val_dice", result.best_val_dice)
+        # The Dice of what the trial's bundle ships, on every validation case: what a user would get from it.
+        return result.val_dice if math.isfinite(result.val_dice) else result.best_val_dice
 
     return objective
 
