@@ -56,9 +56,8 @@ def timed_predict(predictor: Predictor, image: torch.Tensor, repeats: int) -> tu
 
     The FLOPs are counted in one separate eager call: a FlopCounterMode around the timed calls would make a
     compiled predictor fall back to slow eager dispatch (and cannot see inside compiled kernels anyway)."""
-    cfg = predictor.cfg.model_copy(deep=True)
-    cfg.inference.compile = False
-    counting = Predictor(predictor.members, cfg, predictor.labels, predictor.temperature, predictor.device)
+    counting = Predictor(predictor.members, predictor.cfg, predictor.labels, predictor.temperature, predictor.device,
+                         backend="torch")
     with FlopCounterMode(display=False) as counter:
         counting.predict_image(image)
     t = time.perf_counter()
@@ -96,7 +95,7 @@ def speed_tables(
             image = torch.from_numpy(rng.random((predictor.cfg.data.input_channels, 512, 512), dtype=np.float32))
         else:  # a batch of slices: the 2.5D volume path, batch_size slices per model call
             image = torch.from_numpy(rng.random((predictor.cfg.data.channels, batch, 512, 512), dtype=np.float32))
-        if predictor.cfg.inference.compile:  # compile for this setting's shapes outside the timed calls
+        if predictor.backend != "torch":  # compile / export for this setting's shapes outside the timed calls
             predictor.predict_image(image)
         seconds, flops = timed_predict(predictor, image, repeats)
         rows.append((mode, batch, predictor.passes((512, 512)), seconds / batch, batch / seconds,
@@ -284,7 +283,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed calls per setting (after one warm-up)")
     ap.add_argument("--modes", default="none,flips,multicrop")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the members (inference.compile)")
+    ap.add_argument("--backend", default="torch", help="torch | compile | onnxruntime (inference.backend)")
     ap.add_argument("--tile", type=int, default=0, help="tile for the speed tables (0: the bundle's)")
     ap.add_argument("--whole-tile", type=int, default=512, help="also time tta=none with this tile (0: skip)")
     ap.add_argument("--slices", type=int, default=300, help="volume depth for the RAM measurement")
@@ -311,11 +310,9 @@ def main() -> None:
     peak = matmul_flops()
     print(f"matmul 2048³ fp32: {peak / 1e9:.1f} GFLOP/s (the efficiency denominator)\n", flush=True)
     if "speed" not in skip:
-        predictor = Predictor.from_bundle(args.bundle[0], device="cpu")
+        predictor = Predictor.from_bundle(args.bundle[0], device="cpu", backend=args.backend)
         if args.tile:
             predictor.cfg.inference.tile_size = (args.tile, args.tile)
-        if args.compile:
-            predictor.enable_compile()
         speed_tables(predictor, args.modes.split(","), [int(b) for b in args.batches.split(",")], args.repeats, peak,
                      args.whole_tile)
     if "memory" not in skip:

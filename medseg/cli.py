@@ -203,7 +203,8 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/predict"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     tta: Annotated[str | None, typer.Option(help="none | flips | multicrop | full")] = None,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model (faster for many scans)")] = False,
+    backend: Annotated[str | None, typer.Option(
+        help="auto | torch | compile | onnxruntime: what runs the network (default: the bundle's, auto)")] = None,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write class probabilities")] = False,
     uncertainty: Annotated[bool, typer.Option("--uncertainty", help="Also write the uncertainty map")] = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="DICOM inputs: also write a DICOM SEG")] = False,
@@ -220,13 +221,13 @@ def predict(
     from medseg.io import read_scan
 
     try:
-        predictor = Predictor.from_bundle(bundle, device=device)
+        if backend is not None and backend not in ("auto", "torch", "compile", "onnxruntime"):
+            raise MedsegError(f"--backend {backend!r}: use auto, torch, compile or onnxruntime")
+        predictor = Predictor.from_bundle(bundle, device=device, backend=backend)
         if tta is not None:
             if tta not in ("none", "flips", "multicrop", "full"):
                 raise MedsegError(f"--tta {tta!r}: use none, flips, multicrop or full")
             predictor.cfg.inference.tta = tta
-        if compile_:
-            predictor.enable_compile()
     except MedsegError as e:
         _fail(e)
         return
@@ -322,6 +323,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 in a container)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N (default: auto)")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="auto | torch | compile | onnxruntime (default: the bundle's; compile repays itself on many scans)")] = None,
     max_queued: Annotated[int | None, typer.Option(help="Jobs waiting at most; more get 429")] = None,
     max_upload_mb: Annotated[int | None, typer.Option(help="Largest upload in MB; larger get 413")] = None,
     job_ttl: Annotated[float | None, typer.Option(help="Seconds a finished job's files are kept")] = None,
@@ -335,7 +338,7 @@ def serve(
 
     try:
         settings = ServiceSettings.from_env(
-            device=device, max_queued=max_queued, job_ttl_s=job_ttl, max_voxels=max_voxels,
+            device=device, backend=backend, max_queued=max_queued, job_ttl_s=job_ttl, max_voxels=max_voxels,
             job_timeout_s=job_timeout,
             max_upload_bytes=max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
             memory_budget_bytes=memory_budget_mb * 1024 * 1024 if memory_budget_mb is not None else None,

@@ -176,7 +176,8 @@ class TrainConfig(_Section):
     val_every: int = 1
     early_stop_patience: int | None = None
     precision: str = "32-true"  # 16-mixed / bf16-mixed on GPU
-    channels_last: bool = False  # NHWC activations (oneDNN / cuDNN convolutions are faster in it; the plan decides)
+    # NHWC activations: oneDNN's CPU and cuDNN's convolutions are faster in it (benchmarks/train_speed.py: 1.38x here)
+    channels_last: bool = True
     compile: bool = False  # torch.compile the network for training (falls back to eager if compiling fails)
     accelerator: str = "auto"
     devices: int | str = 1
@@ -202,10 +203,19 @@ class InferenceConfig(_Section):
     fill_holes: bool = False
     min_object_size: int = 0
     uncertainty: Literal["entropy", "variance"] = "entropy"
-    # torch.compile (inductor) the members: on this 2-core CPU a 512² Lite0 UNet pass ran 2x faster (fused
-    # activations, concatenations and upsampling). Costs a compile per new tile shape (seconds; needs a C++
-    # compiler on CPU), falls back to eager if compiling fails. Off by default: one-off predictions don't repay it.
-    compile: bool = False
+    # What executes the network (medseg.inference.backends): torch (eager), compile (torch.compile: faster
+    # passes, a compile per new tile shape), onnxruntime, or auto (the fastest measured for the device).
+    backend: Literal["auto", "torch", "compile", "onnxruntime"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_compile(cls, values: Any) -> Any:
+        # Bundles written before `backend` existed say `compile: true|false`.
+        if isinstance(values, dict) and "compile" in values:
+            values = dict(values)
+            if values.pop("compile") and "backend" not in values:
+                values["backend"] = "compile"
+        return values
 
 
 class TuneConfig(_Section):

@@ -21,6 +21,7 @@ from torch import nn
 
 from medseg.bundle import RESEARCH_NOTICE, load_bundle
 from medseg.errors import BundleError
+from medseg.inference.backends import padded_logits
 from medseg.inference.predictor import build_member
 
 
@@ -34,16 +35,10 @@ class EnsembleProbabilities(nn.Module):
         self.members = nn.ModuleList(members)
         self.temperature = float(temperature)
 
-    @staticmethod
-    def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(model, "encode") and hasattr(model, "decode"):
-            return model.decode(model.encode(x, model.encoder_depth_needed()))
-        return model(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = None
         for model in self.members:
-            p = torch.softmax(self._logits(model, x) / self.temperature, dim=1)
+            p = torch.softmax(padded_logits(model, x) / self.temperature, dim=1)
             total = p if total is None else total + p
         assert total is not None
         return total / len(self.members)

@@ -22,6 +22,7 @@ import torch
 from medseg.bundle import Bundle, load_bundle
 from medseg.config import ExperimentConfig
 from medseg.data.preprocess import model_input, prepare_scan
+from medseg.inference.backends import Backend, default_backend, member_runner
 from medseg.inference.optimize import fold_batchnorm
 from medseg.inference.postprocess import measure, postprocess_mask
 from medseg.inference.tiling import ModelFn, slice_batches
@@ -71,6 +72,7 @@ class Predictor:
         weights_hash: str = "",
         *,
         rotations: bool = False,
+        backend: Backend | str | None = None,
     ) -> None:
         if not members:
             raise ValueError("a Predictor needs at least one ensemble member")
@@ -83,14 +85,16 @@ class Predictor:
         self.name = name or cfg.name
         self.weights_hash = weights_hash
         self.rotations = rotations
-        self._compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
-        if cfg.inference.compile:
-            self.enable_compile()
+        # How the members are executed (medseg.inference.backends); a load-time choice, not a per-call one.
+        self.backend = Backend(backend or cfg.inference.backend)
+        if self.backend is Backend.AUTO:
+            self.backend = default_backend(self.device)
+        self._runners: list[ModelFn] | None = None
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     @classmethod
-    def from_bundle(cls, path: str | Path | Bundle, device: str = "auto") -> Predictor:
+    def from_bundle(cls, path: str | Path | Bundle, device: str = "auto", backend: Backend | str | None = None) -> Predictor:
         """Load every ensemble member of a bundle once (weights from safetensors only)."""
         bundle = path if isinstance(path, Bundle) else load_bundle(path)
         cfg = bundle.config
@@ -105,13 +109,7 @@ class Predictor:
                 raise BundleError(f"{bundle.path.name}/weights/{name}.safetensors: the weights do not fit the "
                                   f"network config.yaml describes ({reason})") from None
         temperature = float((bundle.calibration or {}).get("temperature", 1.0))
-        return cls(members, cfg, bundle.labels, temperature, device, cfg.name, bundle.weights_hash)
-
-    def enable_compile(self) -> None:
-        """Run the members through ``torch.compile`` (``inference.compile``): compiled on first use of each tile
-        shape; if compiling fails the predictor logs it once and runs eagerly."""
-        self.cfg.inference.compile = True
-        self._compiled = {id(m): torch.compile(m, dynamic=False) for m in self.members}
+        return cls(members, cfg, bundle.labels, temperature, device, cfg.name, bundle.weights_hash, backend=backend)
 
     @property
     def num_classes(self) -> int:
@@ -119,27 +117,12 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------ passes
 
-    def _model_fn(self, model: torch.nn.Module) -> ModelFn:
-        cuda = self.device.type == "cuda"
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, enabled=cuda):
-                compiled = self._compiled.get(id(model))
-                if compiled is not None:
-                    try:
-                        return compiled(x).float().cpu()
-                    except Exception as e:  # noqa: BLE001 - no C++ compiler, an unsupported op: eager still works
-                        log.warning("inference.compile: torch.compile failed (%s: %s); running eagerly",
-                                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-                        self._compiled.pop(id(model), None)
-                return model(x).float().cpu()
-
-        return run
-
     @property
     def model_fns(self) -> list[ModelFn]:
-        return [self._model_fn(m) for m in self.members]
+        """One runner per member (built on first use: the ONNX export or compile happens then)."""
+        if self._runners is None:
+            self._runners = [member_runner(m, self.backend, self.device) for m in self.members]
+        return self._runners
 
     def views(self, shape: tuple[int, int]) -> list[View]:
         """TTA views (``cfg.inference.tta``) for slices of spatial ``shape`` (H, W)."""

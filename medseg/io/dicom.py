@@ -1,9 +1,11 @@
-"""DICOM series: find them (pydicom headers), check the slice stack, read pixels (SimpleITK).
+"""DICOM series: find them (pydicom headers), check the slice stack, read pixels (numpy or SimpleITK).
 
 pydicom reads headers only (``stop_before_pixels``) to group files by SeriesInstanceUID and order slices by
-their position along the slice normal; SimpleITK's ImageSeriesReader (GDCM) then decodes the pixels in that
-order, including compressed transfer syntaxes such as JPEG 2000, and applies Rescale Slope/Intercept, so CT
-comes back in Hounsfield units. The headers stay in ``Scan.meta["dicom_datasets"]`` (no pixel data), which is
+their position along the slice normal. Uncompressed stacks (most CT/MR exports) are then decoded by the same
+pydicom read that checks each file's pixel data, so each file's pixels are read once; compressed transfer
+syntaxes such as JPEG 2000 go to SimpleITK's ImageSeriesReader (GDCM) in that order. Both apply Rescale
+Slope/Intercept, so CT comes back in Hounsfield units, and both give the same array, dtype and geometry
+(tests/io/test_io_dicom.py compares them). The headers stay in ``Scan.meta["dicom_datasets"]`` (no pixel data), which is
 what a DICOM SEG writer needs, so nothing depends on the files surviving (e.g. a zip's temporary folder).
 """
 
@@ -260,7 +262,12 @@ def read_dicom_series(
             )
         positions = _check_stack(datasets, name, allow_missing_slices)
 
-    _check_pixel_data_complete(series.files, name)
+    native = _native_stack_dtype(datasets) if len(datasets) > 1 and samples == 1 else None
+    # Uncompressed slices: the one pydicom read that checks each file's pixel data also decodes it (numpy), so
+    # every file's pixels are read once; compressed ones are checked here and decoded by GDCM below.
+    array = _check_pixel_data_complete(series.files, name, native, (rows, cols))
+    if array is not None:
+        return _scan(array, _stack_geometry(datasets, rows, cols), name, series, datasets, positions)
     files = [str(p) for p in series.files]
     try:
         if len(files) == 1:
@@ -283,6 +290,12 @@ def read_dicom_series(
     array = sitk.GetArrayFromImage(image)
     if array.dtype == np.float64:
         array = array.astype(np.float32)  # HU need no double precision; halves memory
+    return _scan(array, Geometry.from_sitk(image), name, series, datasets, positions)
+
+
+def _scan(array: np.ndarray, geometry: Geometry, name: str, series: _Series, datasets: Sequence[Dataset],
+          positions: list[float]) -> Scan:
+    first = datasets[0]
     meta: dict[str, Any] = {
         "format": "dicom",
         "modality": str(first.get("Modality", "") or ""),
@@ -297,7 +310,59 @@ def read_dicom_series(
     window = _first_window(first)
     if window is not None:
         meta["window"] = window
-    return Scan(array=array, geometry=Geometry.from_sitk(image), source=name, meta=meta)
+    return Scan(array=array, geometry=geometry, source=name, meta=meta)
+
+
+def _native_stack_dtype(datasets: Sequence[Dataset]) -> np.dtype | None:
+    """The dtype GDCM would give an uncompressed, monochrome slice stack, or None when GDCM must decode it
+    (a compressed or unusual transfer syntax, odd bit depths).
+
+    As GDCM's rescaler: stored values unchanged without a rescale; with an integral slope/intercept the
+    smallest signed integer type holding ``stored * slope + intercept`` over the stored range; float32 when
+    the rescale is fractional or differs between slices (`_needs_float_output`).
+    """
+    for ds in datasets:
+        meta = getattr(ds, "file_meta", None)
+        syntax = pydicom.uid.UID(meta.get("TransferSyntaxUID", "")) if meta is not None else None
+        if syntax not in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian):
+            return None
+    first = datasets[0]
+    bits_allocated, bits_stored = int(first.get("BitsAllocated", 16)), int(first.get("BitsStored", 16) or 16)
+    if bits_allocated not in (8, 16) or any(int(ds.get("BitsAllocated", 16)) != bits_allocated for ds in datasets):
+        return None
+    signed = int(first.get("PixelRepresentation", 0) or 0) == 1
+    if any((int(ds.get("PixelRepresentation", 0) or 0) == 1) != signed for ds in datasets):
+        return None
+    if _needs_float_output(datasets):
+        return np.dtype(np.float32)
+    slope = float(first.get("RescaleSlope", 1) or 1)
+    intercept = float(first.get("RescaleIntercept", 0) or 0)
+    low, high = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
+    if slope == 1 and intercept == 0:
+        return np.dtype(f"{'int' if signed else 'uint'}{bits_allocated}")
+    ends = sorted((low * slope + intercept, high * slope + intercept))
+    for candidate in (np.int8, np.int16, np.int32):
+        info = np.iinfo(candidate)
+        if info.min <= ends[0] and ends[1] <= info.max:
+            return np.dtype(candidate)
+    return np.dtype(np.float32)
+
+
+def _stack_geometry(datasets: Sequence[Dataset], rows: int, cols: int) -> Geometry:
+    """The volume geometry of a checked slice stack (sorted ascending along the normal), as ITK's
+    ImageSeriesReader computes it: origin at the first slice, direction (row, column, normal) cosines,
+    in-plane spacing from PixelSpacing (row spacing = y), slice spacing the mean distance between slices."""
+    first, last = datasets[0], datasets[-1]
+    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    spacing_y, spacing_x = (float(v) for v in (first.get("PixelSpacing") or (1.0, 1.0)))
+    origin = np.asarray(first.ImagePositionPatient, dtype=float)
+    span = float(np.linalg.norm(np.asarray(last.ImagePositionPatient, dtype=float) - origin))
+    spacing_z = span / (len(datasets) - 1) if span > 0 else 1.0
+    direction = np.stack([row, col, normal], axis=1)  # columns: the axes of x, y, z in patient space
+    return Geometry(spacing=(spacing_x, spacing_y, spacing_z), origin=tuple(float(v) for v in origin),
+                    direction=tuple(float(v) for v in direction.ravel()), size=(len(datasets), rows, cols))
 
 
 def _check_stack(datasets: Sequence[Dataset], name: str, allow_missing_slices: bool = False) -> list[float]:
@@ -361,13 +426,18 @@ def _check_stack(datasets: Sequence[Dataset], name: str, allow_missing_slices: b
     return positions
 
 
-def _check_pixel_data_complete(files: Sequence[Path], name: str) -> None:
+def _check_pixel_data_complete(
+    files: Sequence[Path], name: str, native: np.dtype | None = None, shape: tuple[int, int] | None = None,
+) -> np.ndarray | None:
     """Name the first file whose pixel data is missing or shorter than its header says.
 
     GDCM's own failure on such a file is slow (seconds per truncated JPEG 2000 slice) and does not say which
-    file it was; a full pydicom read (no decoding) finds it in about a millisecond per file.
+    file it was; a full pydicom read (no decoding) finds it in about a millisecond per file. With ``native``
+    (an uncompressed stack, see `_native_stack_dtype`) the same read also decodes each slice into the
+    returned ``(z, rows, cols)`` volume of that dtype, rescaled; otherwise returns None.
     """
-    for path in files:
+    volume = np.empty((len(files), *shape), dtype=native) if native is not None and shape is not None else None
+    for index, path in enumerate(files):
         _check_declared_lengths(path, name)
         with warnings.catch_warnings():
             warnings.simplefilter(
@@ -393,6 +463,28 @@ def _check_pixel_data_complete(files: Sequence[Path], name: str) -> None:
                 raise ScanReadError(
                     f"{name}: {path.name} is truncated ({len(pixels):,} of {expected:,} bytes of pixel data)"
                 )
+        if volume is not None:
+            _decode_native_slice(ds, path, name, volume[index])
+    return volume
+
+
+def _decode_native_slice(ds: Dataset, path: Path, name: str, out: np.ndarray) -> None:
+    """Stored values of an uncompressed slice, rescaled (``stored * slope + intercept``), into ``out``."""
+    try:
+        stored = ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - a header that does not describe its pixel data
+        raise ScanReadError(f"{name}: {path.name}: cannot decode the pixel data ({safe_reason(e, path)})") from None
+    if stored.shape != out.shape:
+        raise UnsupportedFormatError(f"{name}: {path.name}: pixel data of shape {stored.shape}, expected {out.shape}")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope == 1 and intercept == 0:
+        out[...] = stored
+    elif out.dtype.kind == "f":
+        np.multiply(stored, slope, out=out, dtype=np.float32, casting="unsafe")
+        out += np.float32(intercept)
+    else:
+        np.copyto(out, stored.astype(out.dtype) * int(slope) + int(intercept), casting="unsafe")
 
 
 def _check_declared_lengths(path: Path, name: str) -> None:

@@ -173,7 +173,7 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
 
         bundle = load_bundle(predictor)
         model_card = model_card or bundle.model_card
-        predictor = Predictor.from_bundle(bundle, device=settings.device)
+        predictor = Predictor.from_bundle(bundle, device=settings.device, backend=settings.backend)
     own_work_dir = settings.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="medseg-service-")) if own_work_dir else Path(settings.work_dir)
     jobs = JobQueue(predictor, work_dir, settings.max_queued, settings.job_ttl_s, settings.max_jobs,

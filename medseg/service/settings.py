@@ -16,6 +16,8 @@ class ServiceSettings:
     more gets 429. ``job_ttl_s``: a finished job and its files are deleted this long after it finished.
     ``max_jobs``: finished jobs kept at most (oldest dropped first), so memory and disk stay bounded even
     under a burst. ``work_dir``: where job files live (None: a fresh temp folder). ``device``: auto|cpu|cuda.
+    ``backend``: what runs the network (auto|torch|compile|onnxruntime; None: the bundle's ``inference.backend``);
+    ``compile`` repays its per-tile-shape compile on a service that predicts many scans.
 
     Memory and time (see ``medseg.service.budget``): ``max_voxels``: the largest scan decoded (samples; a header
     announcing more gets 413 before decoding); None: sized from the model and the machine's memory.
@@ -36,6 +38,7 @@ class ServiceSettings:
     max_jobs: int = 1000
     work_dir: Path | None = None
     device: str = "auto"
+    backend: str | None = None
     max_voxels: int | None = None
     memory_budget_bytes: int | None = None
     job_timeout_s: float = 600.0

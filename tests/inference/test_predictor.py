@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,53 +92,6 @@ def test_volume_outputs_keep_the_input_geometry(make_bundle, hippo_image: Path, 
                                pred.uncertainty, atol=1e-6)
     sizes = predictor.measure(pred)
     assert set(sizes) == {1, 2} and sizes[1]["name"] == "anterior" and "volume_ml" in sizes[1]
-
-
-def test_compiled_members_predict_what_eager_ones_do(make_bundle, monkeypatch, caplog) -> None:
-    bundle = make_bundle("c", {"a": 3})
-    eager = Predictor.from_bundle(bundle, device="cpu")
-    compiled = Predictor.from_bundle(bundle, device="cpu")
-    calls = []
-    real_compile = __import__("torch").compile
-
-    def spy(model, **kwargs):
-        fn = real_compile(model, **kwargs)
-
-        def run(x):
-            calls.append(tuple(x.shape))
-            return fn(x)
-
-        return run
-
-    monkeypatch.setattr("medseg.inference.predictor.torch.compile", spy)
-    compiled.enable_compile()
-    scan = _image()
-    with caplog.at_level("WARNING", logger="medseg"):
-        probs = compiled.predict_scan(scan).probs
-    np.testing.assert_allclose(probs, eager.predict_scan(scan).probs, atol=1e-5)
-    assert calls, "the compiled module was never called"
-    if shutil.which("g++") or shutil.which("c++"):  # inductor needs a C++ compiler on CPU; with one it must not fall back
-        assert "running eagerly" not in caplog.text, caplog.text
-
-
-def test_compile_failure_falls_back_to_eager(make_bundle, monkeypatch, caplog) -> None:
-    bundle = make_bundle("f", {"a": 3})
-    eager = Predictor.from_bundle(bundle, device="cpu")
-
-    def broken(model, **kwargs):
-        def run(x):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
-
-        return run
-
-    monkeypatch.setattr("medseg.inference.predictor.torch.compile", broken)
-    predictor = Predictor.from_bundle(bundle, device="cpu")
-    predictor.enable_compile()
-    scan = _image()
-    with caplog.at_level("WARNING", logger="medseg"):
-        probs = predictor.predict_scan(scan).probs
-    np.testing.assert_allclose(probs, eager.predict_scan(scan).probs, atol=1e-6)
-    assert "InvalidCxxCompiler" in caplog.text and "running eagerly" in caplog.text
 
 
 def test_every_unetplusplus_inference_head_predicts_from_its_bundle(make_bundle) -> None:

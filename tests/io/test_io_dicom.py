@@ -201,3 +201,41 @@ def test_dicom_mask_is_written_as_nifti_on_the_series_grid(ct_scan, tmp_path: Pa
     back = read_scan(out)
     assert back.geometry.same_grid(ct_scan.geometry)
     np.testing.assert_array_equal(back.array, mask)
+
+
+@pytest.mark.parametrize("stored, slope, intercept", [("uint16", 1.0, -1024.0), ("int16", 1.0, 0.0),
+                                                       ("int16", 0.5, -1000.0)])
+def test_uncompressed_series_decoded_by_numpy_equals_gdcm(uncompressed_series, tmp_path: Path, monkeypatch,
+                                                          stored, slope, intercept) -> None:
+    """Uncompressed slices are decoded by the pydicom read that checks them (each file's pixels read once);
+    the result must be what SimpleITK/GDCM gives: same values, dtype and geometry."""
+    import SimpleITK as sitk
+
+    from medseg.io import dicom
+
+    files = uncompressed_series(tmp_path / "s", stored=stored, slope=slope, intercept=intercept, repeat=2)
+    gdcm_calls = []
+    real_reader = dicom.sitk.ImageSeriesReader
+    monkeypatch.setattr(dicom.sitk, "ImageSeriesReader", lambda: gdcm_calls.append(1) or real_reader())
+    scan = read_scan(tmp_path / "s")
+    assert not gdcm_calls, "an uncompressed series went through GDCM"
+    assert sorted(scan.meta["dicom_files"]) == sorted(files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(p) for p in scan.meta["dicom_files"]])  # stack order (ascending along the normal)
+    if slope != 1.0:
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+    reference = reader.Execute()
+    np.testing.assert_array_equal(scan.array, sitk.GetArrayFromImage(reference))
+    assert scan.array.dtype == sitk.GetArrayFromImage(reference).dtype
+    np.testing.assert_allclose(scan.geometry.spacing, reference.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(scan.geometry.origin, reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(scan.geometry.direction, reference.GetDirection(), atol=1e-6)
+    assert scan.array.shape == (40, 512, 512) and scan.meta["modality"] == "CT"
+
+
+def test_truncated_uncompressed_slice_is_named(uncompressed_series, tmp_path: Path) -> None:
+    files = uncompressed_series(tmp_path / "s")
+    data = files[7].read_bytes()
+    files[7].write_bytes(data[: len(data) - 5000])
+    with pytest.raises(ScanReadError, match=files[7].name):
+        read_scan(tmp_path / "s")
