@@ -45,7 +45,7 @@ def make_bundle(out: Path, ct: bool) -> Path:
 
     sets = ["model.pretrained=none", "data.labels={0: background, 1: structure}", "plan=false"]
     if ct:
-        sets += ["data.channels=1", "data.context_slices=1", "data.intensity=ct_window", "data.ndim=3"]
+        sets += ["data.channels=1", "data.context_slices=1", "data.intensity=ct_window"]
     else:
         sets += ["data.channels=3"]
     cfg = load_config(None, sets)
@@ -81,7 +81,7 @@ def backend_rows(bundle_2d: Path, bundle_ct: Path, backends: list[str], repeats:
         per_image = median_time(lambda p=p2: p.predict_probs(image), repeats)
         pct = Predictor.from_bundle(bundle_ct, device="cpu", backend=backend)
         batch = pct.cfg.inference.batch_size
-        volume = torch.from_numpy(rng.random((3, batch, 512, 512), dtype=np.float32))
+        volume = torch.from_numpy(rng.random((pct.cfg.data.channels, batch, 512, 512), dtype=np.float32))
         pct.predict_probs(volume)  # warm-up for the volume shapes
         per_slice = median_time(lambda p=pct, v=volume: p.predict_probs(v), repeats) / batch
         row = {"backend": backend, "setup_s": round(setup, 1), "ms_per_image_512": round(1000 * per_image),

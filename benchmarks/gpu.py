@@ -85,7 +85,7 @@ def ct_row(device: torch.device, work: Path, repeat: int, slice_batch: int) -> d
     predictor = Predictor.from_bundle(bundle, device=str(device))
     predictor.cfg.inference.tta = "flips"
     predictor.cfg.inference.batch_size = slice_batch
-    warm = torch.rand(3, 4, 512, 512)
+    warm = torch.rand(predictor.cfg.data.channels, 4, 512, 512)
     predictor.predict_image(warm)  # cuDNN autotuning and allocator warm-up outside the timed run
     sync(device)
     t0 = time.perf_counter()
