@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from medseg.bundle import Bundle, load_bundle
-from medseg.config import ExperimentConfig
+from medseg.config import ExperimentConfig, TTAMode
 from medseg.data.preprocess import model_input, prepare_scan
 from medseg.inference.optimize import fold_batchnorm
 from medseg.inference.postprocess import measure, postprocess_mask
+from medseg.inference.protocol import Progress
 from medseg.inference.tiling import ModelFn, slice_batches
 from medseg.inference.tta import View, build_views, predict_probs_tta
 from medseg.io import Geometry, Scan
@@ -31,8 +32,6 @@ from medseg.models import build_model
 from medseg.transforms.resample import from_model_grid
 
 log = logging.getLogger("medseg")
-
-Progress = Callable[[float], None]
 
 
 @dataclass
@@ -57,7 +56,10 @@ class Predictor:
     """Ensemble members (``nn.Module`` returning logits ``(B, K, H, W)`` for ``(B, C, H, W)`` input in [0, 1])
     plus the experiment config that says how to preprocess, tile, augment and post-process.
 
-    ``rotations``: with ``tta=full``, also average over 90° rotations (doubles the passes).
+    The config is never changed after construction (one Predictor serves concurrent callers): per-call options
+    are arguments (``predict_scan(scan, tta=...)``). ``compile``: torch.compile the members (None: the config's
+    ``inference.compile``). ``rotations``: with ``tta=full``, also average over 90° rotations (doubles the passes).
+    Satisfies ``medseg.inference.protocol.ScanPredictor``.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Predictor:
         weights_hash: str = "",
         *,
         rotations: bool = False,
+        compile: bool | None = None,
     ) -> None:
         if not members:
             raise ValueError("a Predictor needs at least one ensemble member")
@@ -84,14 +87,14 @@ class Predictor:
         self.weights_hash = weights_hash
         self.rotations = rotations
         self._compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
-        if cfg.inference.compile:
+        if cfg.inference.compile if compile is None else compile:
             self.enable_compile()
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     @classmethod
-    def from_bundle(cls, path: str | Path | Bundle, device: str = "auto") -> Predictor:
-        """Load every ensemble member of a bundle once (weights from safetensors only)."""
+    def from_bundle(cls, path: str | Path | Bundle, device: str = "auto", *, compile: bool | None = None) -> Predictor:
+        """Load every ensemble member of a bundle once (weights from safetensors only); ``compile``: see the class."""
         bundle = path if isinstance(path, Bundle) else load_bundle(path)
         cfg = bundle.config
         from medseg.errors import BundleError
@@ -105,12 +108,11 @@ class Predictor:
                 raise BundleError(f"{bundle.path.name}/weights/{name}.safetensors: the weights do not fit the "
                                   f"network config.yaml describes ({reason})") from None
         temperature = float((bundle.calibration or {}).get("temperature", 1.0))
-        return cls(members, cfg, bundle.labels, temperature, device, cfg.name, bundle.weights_hash)
+        return cls(members, cfg, bundle.labels, temperature, device, cfg.name, bundle.weights_hash, compile=compile)
 
     def enable_compile(self) -> None:
         """Run the members through ``torch.compile`` (``inference.compile``): compiled on first use of each tile
         shape; if compiling fails the predictor logs it once and runs eagerly."""
-        self.cfg.inference.compile = True
         self._compiled = {id(m): torch.compile(m, dynamic=False) for m in self.members}
 
     @property
@@ -141,13 +143,27 @@ class Predictor:
     def model_fns(self) -> list[ModelFn]:
         return [self._model_fn(m) for m in self.members]
 
-    def views(self, shape: tuple[int, int]) -> list[View]:
-        """TTA views (``cfg.inference.tta``) for slices of spatial ``shape`` (H, W)."""
-        return build_views(self.cfg.inference.tta, shape, self.cfg.inference, self.rotations)
+    @property
+    def compiled(self) -> bool:
+        """Whether the members run through ``torch.compile`` (until compiling fails)."""
+        return bool(self._compiled)
 
-    def passes(self, shape: tuple[int, int]) -> int:
+    def tta_mode(self, tta: TTAMode | str | None = None) -> TTAMode:
+        """The TTA mode a call with ``tta`` uses: the argument, or the bundle's ``inference.tta``."""
+        if tta is None:
+            return TTAMode(self.cfg.inference.tta)
+        try:
+            return TTAMode(tta)
+        except ValueError:
+            raise ValueError(f"unknown TTA mode {tta!r}; use {', '.join(TTAMode)}") from None
+
+    def views(self, shape: tuple[int, int], tta: TTAMode | str | None = None) -> list[View]:
+        """TTA views (``tta``, default ``cfg.inference.tta``) for slices of spatial ``shape`` (H, W)."""
+        return build_views(self.tta_mode(tta), shape, self.cfg.inference, self.rotations)
+
+    def passes(self, shape: tuple[int, int], tta: TTAMode | str | None = None) -> int:
         """Model passes per slice (members × views), each a full overlap-tile pass."""
-        return len(self.members) * len(self.views(shape))
+        return len(self.members) * len(self.views(shape, tta))
 
     # ------------------------------------------------------------------------------------------ images
 
@@ -171,15 +187,16 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_image(
-        self, image: np.ndarray | torch.Tensor, progress: Progress | None = None
+        self, image: np.ndarray | torch.Tensor, *, tta: TTAMode | str | None = None, progress: Progress | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(probs (K, *spatial), uncertainty (*spatial))`` for a preprocessed image ``(C, H, W)`` or volume
-        ``(C, Z, Y, X)``: the mean over members × TTA views of ``softmax(logits / temperature)``."""
+        ``(C, Z, Y, X)``: the mean over members × TTA views (``tta``; None: the config's) of
+        ``softmax(logits / temperature)``."""
         x = torch.as_tensor(image, dtype=torch.float32)
         icfg = self.cfg.inference
         variance = icfg.uncertainty == "variance"
         fns = self.model_fns
-        views = self.views((int(x.shape[-2]), int(x.shape[-1])))
+        views = self.views((int(x.shape[-2]), int(x.shape[-1])), tta)
         if x.ndim == 3:
             batches: Any = [(0, 1, x[None])]
             n_batches = 1
@@ -209,10 +226,10 @@ class Predictor:
         assert probs is not None and unc is not None
         return probs, unc
 
-    def predict_probs(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
+    def predict_probs(self, image: np.ndarray | torch.Tensor, *, tta: TTAMode | str | None = None) -> np.ndarray:
         """Ensemble- and TTA-mean, temperature-scaled softmax ``(K, *spatial)`` for a preprocessed image
         ``(C, *spatial)``."""
-        return self.predict_image(image)[0]
+        return self.predict_image(image, tta=tta)[0]
 
     def probs_to_mask(self, probs: np.ndarray) -> np.ndarray:
         """``(K, *spatial)`` -> ``(*spatial)`` uint8: foreground ``>= threshold`` for binary tasks when
@@ -222,14 +239,18 @@ class Predictor:
             return (probs[1] >= thr).astype(np.uint8)
         return probs.argmax(0).astype(np.uint8)
 
-    def predict_scan(self, scan: Scan, progress: Progress | None = None) -> Prediction:
-        """Segment one scan. ``progress(fraction)`` is called after every model pass (0 < fraction <= 1).
+    def predict_scan(
+        self, scan: Scan, *, tta: TTAMode | str | None = None, progress: Progress | None = None
+    ) -> Prediction:
+        """Segment one scan. ``tta``: this call's test-time augmentation (None: the bundle's
+        ``inference.tta``); ``progress(fraction)`` is called after every model pass (0 < fraction <= 1).
 
         The network sees the scan on the model grid (the plan's scale, slices along the planned axis); class
         probabilities and uncertainty are brought back to the scan's own grid *before* argmax, so the mask is
         exact on the input grid."""
+        mode = self.tta_mode(tta)  # an unknown mode fails before any preprocessing
         x, grid = self.prepare(scan)
-        probs, uncertainty = self.predict_image(x, progress)
+        probs, uncertainty = self.predict_image(x, tta=mode, progress=progress)
         if grid.operations:
             probs = from_model_grid(probs, grid)
             uncertainty = np.clip(from_model_grid(uncertainty[None], grid)[0], 0.0, 1.0)
