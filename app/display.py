@@ -90,10 +90,6 @@ def has_intensity_window(scan: Scan) -> bool:
     return scan.channels == 1 and scan.array.dtype != np.uint8
 
 
-def planes_for(scan: Scan) -> list[Plane]:
-    return list(Plane) if scan.is_volume else [Plane.axial]
-
-
 def slice_count(scan: Scan, plane: Plane) -> int:
     if not scan.is_volume:
         return 1

@@ -75,7 +75,7 @@ def main() -> None:
         st.stop()
 
     try:
-        predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path, tta=model.tta)
+        predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path)
     except MedsegError as e:
         input_error(f"The model cannot be loaded: {e}")
         return

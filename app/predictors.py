@@ -1,13 +1,13 @@
 """The one place that decides *what* segments a scan: an in-process ``Predictor`` loaded from a bundle, or the
-remote inference service when ``MEDSEG_INFERENCE_URL`` is set. Both answer ``predict_scan(scan) -> Prediction``.
+remote inference service when ``MEDSEG_INFERENCE_URL`` is set. Both are ``medseg.inference.protocol.ScanPredictor``:
+``predict_scan(scan, tta=..., progress=...) -> Prediction``.
 
-Models are cached with ``st.cache_resource`` (shared by all sessions, loaded once); they are never mutated
-after loading, so concurrent sessions cannot change each other's settings (each TTA mode is its own entry).
+Models are cached with ``st.cache_resource`` (shared by all sessions, loaded once per bundle); they are never
+mutated after loading: each session's TTA mode goes to every ``predict_scan`` call.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +16,16 @@ from typing import Any
 import streamlit as st
 
 from medseg.bundle import Bundle, find_bundles, load_bundle
+from medseg.config import TTAMode
+from medseg.inference.protocol import ScanPredictor
 from medseg.io import Scan
 
-TTA_MODES = ("none", "flips", "multicrop", "full")
+TTA_MODES = tuple(TTAMode)
 TTA_LABELS = {
-    "none": "Off (fastest)",
-    "flips": "Flips",
-    "multicrop": "Multi-crop",
-    "full": "Flips + multi-crop (slowest)",
+    TTAMode.none: "Off (fastest)",
+    TTAMode.flips: "Flips",
+    TTAMode.multicrop: "Multi-crop",
+    TTAMode.full: "Flips + multi-crop (slowest)",
 }
 
 
@@ -58,18 +60,14 @@ def _bundle(path: str, stamp: float) -> Bundle:
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=4)
-def _local_predictor(path: str, stamp: float, tta: str) -> Any:
+def _local_predictor(path: str, stamp: float) -> ScanPredictor:
     from medseg.inference import Predictor
 
-    predictor = Predictor.from_bundle(_bundle(path, stamp))
-    # The cached Bundle's config is shared by every TTA entry: give this predictor its own copy to set.
-    predictor.cfg = predictor.cfg.model_copy(deep=True)
-    predictor.cfg.inference.tta = tta  # set before sharing; never changed afterwards
-    return predictor
+    return Predictor.from_bundle(_bundle(path, stamp))
 
 
 @st.cache_resource(show_spinner="Connecting to the inference service…")
-def _remote_predictor(url: str) -> Any:
+def _remote_predictor(url: str) -> ScanPredictor:
     from medseg.service.client import RemotePredictor
 
     return RemotePredictor(url)
@@ -79,13 +77,14 @@ def load_bundle_cached(path: Path) -> Bundle:
     return _bundle(str(path), _stamp(path))
 
 
-def get_predictor(*, inference_url: str | None, bundle_path: Path | None, tta: str) -> Any:
-    """The predictor to use: the remote service when a URL is configured, else the bundle in-process."""
+def get_predictor(*, inference_url: str | None, bundle_path: Path | None) -> ScanPredictor:
+    """The predictor to use: the remote service when a URL is configured, else the bundle in-process (one
+    loaded model per bundle, whatever TTA mode each session picks)."""
     if inference_url:
         return _remote_predictor(inference_url)
     if bundle_path is None:
         raise ValueError("no model bundle chosen")
-    return _local_predictor(str(bundle_path), _stamp(bundle_path), tta)
+    return _local_predictor(str(bundle_path), _stamp(bundle_path))
 
 
 def device_text(device: Any, remote: bool = False) -> str:
@@ -122,25 +121,13 @@ def describe(predictor: Any, bundle: Bundle | None) -> ModelInfo:
     )
 
 
-def _parameters(predictor: Any) -> set[str]:
-    try:
-        return set(inspect.signature(predictor.predict_scan).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
 def run_inference(
-    predictor: Any, scan: Scan, on_progress: Callable[[float], None] | None = None, tta: str | None = None
+    predictor: ScanPredictor, scan: Scan, on_progress: Callable[[float], None] | None = None,
+    tta: TTAMode | str | None = None,
 ) -> Any:
-    """``predictor.predict_scan(scan)``, reporting progress in [0, 1] when the predictor can.
-
-    ``tta`` goes to predictors that take it per call (the remote service); in-process predictors have it
-    fixed in their config (see ``get_predictor``).
-    """
-    params = _parameters(predictor)
-    kwargs: dict[str, Any] = {}
-    if tta is not None and "tta" in params:
-        kwargs["tta"] = tta
-    if on_progress is not None and "progress" in params:
-        kwargs["progress"] = lambda fraction: on_progress(min(1.0, max(0.0, float(fraction))))
-    return predictor.predict_scan(scan, **kwargs)
+    """``predictor.predict_scan(scan, tta=tta)`` (None: the bundle's TTA), reporting progress clamped to [0, 1]."""
+    progress = None
+    if on_progress is not None:
+        def progress(fraction: float) -> None:
+            on_progress(min(1.0, max(0.0, float(fraction))))
+    return predictor.predict_scan(scan, tta=tta, progress=progress)

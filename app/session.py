@@ -85,7 +85,7 @@ def predict(
 ) -> Result:
     """The segmentation of ``loaded.scan``: reused when nothing that affects it changed, else computed,
     audited and remembered. ``progress``: an ``st.progress`` element to update."""
-    predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path, tta=model.tta)
+    predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path)
     info = describe(predictor, model.bundle)
     key = (upload.sha256, series_uid, settings.inference_url or str(model.bundle_path), info.weights_hash, model.tta)
     current: Result | None = st.session_state.get("result")

@@ -32,10 +32,10 @@ from medseg.io import (
     read_mask,
     read_scan,
 )
-from medseg.io.formats import COMPANION_SUFFIXES, SUFFIX_FORMATS, full_suffix
+from medseg.io.formats import COMPANION_SUFFIXES, SUFFIX_FORMATS, UPLOAD_EXTENSIONS, full_suffix
 
 # Self-contained files only: a detached .mhd/.raw pair is refused by the readers' untrusted mode anyway.
-SCAN_TYPES = ("nii", "gz", "nrrd", "mha", "dcm", "ima", "zip", "png", "jpg", "jpeg", "tif", "tiff", "bmp")
+SCAN_TYPES = UPLOAD_EXTENSIONS
 MASK_TYPES = ("nii", "gz", "nrrd", "mha", "png", "tif", "tiff", "bmp")
 
 

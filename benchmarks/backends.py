@@ -95,7 +95,7 @@ def e2e_2d(bundle_2d: Path, backend: str, work: Path, repeats: int) -> dict:
     from PIL import Image
 
     from medseg.inference import Predictor
-    from medseg.inference.outputs import write_prediction_outputs
+    from medseg.inference.outputs import ModelStamp, write_prediction_outputs
     from medseg.io import read_scan
 
     src = sorted((DATASETS / "dsb2018_nuclei" / "images").iterdir())[0]
@@ -109,7 +109,8 @@ def e2e_2d(bundle_2d: Path, backend: str, work: Path, repeats: int) -> dict:
         scan = read_scan(png)
         pred = predictor.predict_scan(scan)
         write_prediction_outputs(scan, pred, predictor.labels, work / "out", name="image",
-                                 label_map=predictor.cfg.data.label_map)
+                                 label_map=predictor.cfg.data.label_map,
+                             model=ModelStamp(predictor.name, predictor.weights_hash))
 
     model = median_time(lambda: predictor.predict_image(x), repeats)
     total = median_time(end_to_end, repeats)

@@ -51,18 +51,18 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t)
 
 
-def timed_predict(predictor: Predictor, image: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """(seconds per call, model FLOPs per call) of ``predictor.predict_image(image)``.
+def timed_predict(predictor: Predictor, image: torch.Tensor, repeats: int, tta: str) -> tuple[float, float]:
+    """(seconds per call, model FLOPs per call) of ``predictor.predict_image(image, tta=tta)``.
 
     The FLOPs are counted in one separate eager call: a FlopCounterMode around the timed calls would make a
     compiled predictor fall back to slow eager dispatch (and cannot see inside compiled kernels anyway)."""
     counting = Predictor(predictor.members, predictor.cfg, predictor.labels, predictor.temperature, predictor.device,
                          backend="torch")
     with FlopCounterMode(display=False) as counter:
-        counting.predict_image(image)
+        counting.predict_image(image, tta=tta)
     t = time.perf_counter()
     for _ in range(repeats):
-        predictor.predict_image(image)
+        predictor.predict_image(image, tta=tta)
     return (time.perf_counter() - t) / repeats, float(counter.get_total_flops())
 
 
@@ -88,7 +88,6 @@ def speed_tables(
         settings.append(("none", batches[0], (whole_tile, whole_tile)))
     for mode, batch, tile_size in settings:
         predictor.cfg.inference.tile_size = tile_size
-        predictor.cfg.inference.tta = mode
         if batch > 1:  # slices per model call; a single image keeps the bundle's batch of tiles
             predictor.cfg.inference.batch_size = batch
         if batch == 1:  # one 2D image, (input channels, H, W)
@@ -96,9 +95,9 @@ def speed_tables(
         else:  # a batch of slices: the 2.5D volume path, batch_size slices per model call
             image = torch.from_numpy(rng.random((predictor.cfg.data.channels, batch, 512, 512), dtype=np.float32))
         if predictor.backend != "torch":  # compile / export for this setting's shapes outside the timed calls
-            predictor.predict_image(image)
-        seconds, flops = timed_predict(predictor, image, repeats)
-        rows.append((mode, batch, predictor.passes((512, 512)), seconds / batch, batch / seconds,
+            predictor.predict_image(image, tta=mode)
+        seconds, flops = timed_predict(predictor, image, repeats, mode)
+        rows.append((mode, batch, predictor.passes((512, 512), mode), seconds / batch, batch / seconds,
                      flops / batch / 1e9, flops / seconds / 1e9, flops / seconds / peak,
                      useful * batch / seconds / peak, tile_size))
         print(f"  measured tta={mode} batch={batch} tile={tile_size}: {seconds:.2f} s per call", flush=True)
@@ -148,7 +147,6 @@ def volume_child(args: argparse.Namespace) -> None:
     if args.volume_model == "cheap":  # same class count, next to no compute: the pipeline's own memory
         k, c = predictor.num_classes, predictor.cfg.data.input_channels
         predictor = Predictor([torch.nn.Conv2d(c, k, 1)], predictor.cfg, predictor.labels, device="cpu")
-    predictor.cfg.inference.tta = "none"
     rng = np.random.default_rng(0)
     z = args.slices
     vol = rng.integers(-1000, 1500, (z, 512, 512), dtype=np.int16)  # HU-like range, no float temporary
@@ -156,7 +154,7 @@ def volume_child(args: argparse.Namespace) -> None:
                               size=(z, 512, 512)), "synthetic.nii.gz")
     base = _proc_status_gb("VmRSS")
     t = time.perf_counter()
-    pred = predictor.predict_scan(scan)
+    pred = predictor.predict_scan(scan, tta="none")
     seconds = time.perf_counter() - t
     peak = _proc_status_gb("VmHWM")
     print(json.dumps({"slices": z, "model": args.volume_model, "peak_gb": peak, "before_gb": base,
@@ -255,14 +253,12 @@ def dice_table(args: argparse.Namespace) -> None:
     targets = [map_labels(read_scan(c.mask), cfg.data.label_map, s.spatial_shape, c.mask.name) for s, c in scans]
     results = []
     for who, mode, predictor in settings:
-        predictor.cfg = predictor.cfg.model_copy(deep=True)
-        predictor.cfg.inference.tta = mode
         t = time.perf_counter()
         dices = []
         for (scan, _), target in zip(scans, targets, strict=True):
-            mask = predictor.predict_scan(scan).mask
+            mask = predictor.predict_scan(scan, tta=mode).mask
             dices.append(per_label_metrics(mask, target, cfg.data.num_classes, hd95=False)[1]["dice"])
-        results.append((who, mode, len(predictor.members) * len(predictor.views((256, 256))),
+        results.append((who, mode, len(predictor.members) * len(predictor.views((256, 256), mode)),
                         float(np.mean(dices)), np.array(dices), time.perf_counter() - t))
     base = results[0][4]
     print("| model | TTA | passes | mean Dice | gain vs single plain | images improved | seconds |")

@@ -34,10 +34,10 @@ from safetensors.torch import load_file, save_file
 
 from medseg.config import ExperimentConfig, config_to_yaml, validate_config
 from medseg.errors import BundleError
+from medseg.io.overlay import default_color
+from medseg.io.writers import fsync_dir
 
 HEX_COLOUR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
-DEFAULT_COLORS = ["#000000", "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
-                  "#bcf60c", "#fabebe", "#008080", "#e6beff"]
 RESEARCH_NOTICE = "Research use only — not for diagnosis."
 PERMISSION_HINT = "cannot read it (permission denied); the user running medseg needs read access to the whole bundle"
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def is_hex_colour(value: object) -> bool:
 def _saved_colour(index: int, spec: str | None) -> str:
     """A config colour as the ``#rrggbb`` a bundle stores: colour names are converted; anything unusable gets
     the default (with a warning), so the bundle saved at the end of a training run always loads."""
-    default = DEFAULT_COLORS[index % len(DEFAULT_COLORS)]
+    default = default_color(index)
     if spec is None or is_hex_colour(spec):
         return spec or default
     from PIL import ImageColor
@@ -131,14 +131,6 @@ def _previous_copy(final: Path) -> Path:
     return final.with_name(f".{final.name}.old")
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_dir_write(final: Path, write: Any) -> Path:
     """Build the bundle in a sibling temp dir, then swap it in: a crash never leaves a half bundle.
 
@@ -159,7 +151,7 @@ def _atomic_dir_write(final: Path, write: Any) -> Path:
             tmp.rename(final)
         else:
             tmp.rename(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

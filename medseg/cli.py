@@ -183,8 +183,8 @@ def plan(
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files, zips and DICOM folders are one input each; other folders contribute their scans."""
-    from medseg.data.datalist import SCAN_SUFFIXES
     from medseg.io import is_dicom_folder
+    from medseg.io.formats import SCAN_SUFFIXES
 
     out: list[Path] = []
     for p in inputs:
@@ -202,9 +202,11 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Files, folders, DICOM folders or zips")],
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("outputs/predict"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    tta: Annotated[str | None, typer.Option(help="none | flips | multicrop | full")] = None,
+    tta: Annotated[str | None, typer.Option(help="none | flips | multicrop | full (default: the bundle's)")] = None,
     backend: Annotated[str | None, typer.Option(
         help="auto | torch | compile | onnxruntime: what runs the network (default: the bundle's, auto)")] = None,
+    mask_values: Annotated[str, typer.Option(
+        "--mask-values", help="indices: class indices 0..K-1 | raw: the training masks' label values (e.g. 0/255)")] = "indices",
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write class probabilities")] = False,
     uncertainty: Annotated[bool, typer.Option("--uncertainty", help="Also write the uncertainty map")] = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="DICOM inputs: also write a DICOM SEG")] = False,
@@ -217,17 +219,17 @@ def predict(
     from rich.progress import Progress
 
     from medseg.inference import Predictor
-    from medseg.inference.outputs import write_prediction_outputs
+    from medseg.inference.backends import Backend
+    from medseg.inference.outputs import MaskValues, ModelStamp, write_prediction_outputs
     from medseg.io import read_scan
 
     try:
-        if backend is not None and backend not in ("auto", "torch", "compile", "onnxruntime"):
-            raise MedsegError(f"--backend {backend!r}: use auto, torch, compile or onnxruntime")
+        tta_mode = _tta_option(tta)
+        if mask_values not in tuple(MaskValues):
+            raise MedsegError(f"--mask-values {mask_values!r}: use {' or '.join(MaskValues)}")
+        if backend is not None and backend not in tuple(Backend):
+            raise MedsegError(f"--backend {backend!r}: use {', '.join(Backend)}")
         predictor = Predictor.from_bundle(bundle, device=device, backend=backend)
-        if tta is not None:
-            if tta not in ("none", "flips", "multicrop", "full"):
-                raise MedsegError(f"--tta {tta!r}: use none, flips, multicrop or full")
-            predictor.cfg.inference.tta = tta
     except MedsegError as e:
         _fail(e)
         return
@@ -240,11 +242,11 @@ def predict(
         for item in items:
             try:
                 scan = read_scan(item, allow_missing_slices=allow_missing_slices)
-                pred = predictor.predict_scan(scan)
+                pred = predictor.predict_scan(scan, tta=tta_mode)
                 write_prediction_outputs(
                     scan, pred, predictor.labels, out, name=stems[item], label_map=predictor.cfg.data.label_map,
+                    model=ModelStamp(predictor.name, predictor.weights_hash), values=mask_values,
                     probabilities=probabilities, uncertainty=uncertainty, dicom_seg=dicom_seg, anonymize=anonymize,
-                    model_name=predictor.name, model_version=predictor.weights_hash,
                 )
             except MedsegError as e:
                 failures.append((item.name, str(e)))
@@ -258,6 +260,18 @@ def predict(
         for name, why in failures:
             console.print(f"[red]failed[/red] {name}: {why}", highlight=False)
         raise typer.Exit(1)
+
+
+def _tta_option(tta: str | None):
+    """``--tta`` as a TTAMode (None: the bundle's), or a one-line error naming the choices."""
+    from medseg.config import TTAMode
+
+    if tta is None:
+        return None
+    try:
+        return TTAMode(tta)
+    except ValueError:
+        raise MedsegError(f"--tta {tta!r}: use {', '.join(TTAMode)}") from None
 
 
 def _unique_output_stems(items: list[Path]) -> dict[Path, str]:

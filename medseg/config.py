@@ -37,6 +37,15 @@ class Resample(StrEnum):
     size = "size"  # each image to data.target_size pixels (geometric-mean side, aspect kept): photos
 
 
+class TTAMode(StrEnum):
+    """Test-time augmentation (``medseg.inference.tta`` lists each mode's views and their cost in passes)."""
+
+    none = "none"  # the image as is: 1 pass per member
+    flips = "flips"  # identity + the 3 mirror images: 4 passes
+    multicrop = "multicrop"  # 5 placements in a mirror-padded canvas (shifts the tile seams): 5 passes
+    full = "full"  # flips x multicrop: 20 passes
+
+
 class DataConfig(_Section):
     root: Path | None = None  # folder with images/ and masks/ (relative paths resolve against the config file)
     datalist: Path | None = None  # explicit CSV/JSON datalist instead of folder discovery
@@ -196,7 +205,7 @@ class InferenceConfig(_Section):
     overlap: float = 0.25
     blend: Literal["gaussian", "constant"] = "gaussian"
     padding_mode: Literal["reflect", "constant"] = "reflect"
-    tta: Literal["none", "flips", "multicrop", "full"] = "none"
+    tta: TTAMode = TTAMode.none  # the bundle's default; every prediction call may choose another
     batch_size: int = 8
     threshold: float | None = None  # binary tasks: foreground prob threshold; None -> argmax
     keep_largest: bool = False

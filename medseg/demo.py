@@ -15,7 +15,7 @@ from medseg.config import load_config
 from medseg.engine.evaluate import evaluate_cases
 from medseg.engine.train import load_cases, split_cases, train
 from medseg.inference import Predictor
-from medseg.inference.outputs import write_prediction_outputs
+from medseg.inference.outputs import ModelStamp, write_prediction_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,8 @@ def main() -> None:
     pred_dir = args.out / "predictions"
 
     def write(case, scan, pred, target) -> None:
-        write_prediction_outputs(scan, pred, predictor.labels, pred_dir, case.id, label_map=planned.data.label_map)
+        write_prediction_outputs(scan, pred, predictor.labels, pred_dir, case.id, label_map=planned.data.label_map,
+                                 model=ModelStamp(predictor.name, predictor.weights_hash))
 
     evaluation = evaluate_cases(predictor, held_aside, planned, hd95=False, on_case=write)
     dices = [r["dice"] for r in evaluation.rows]

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medseg.errors import DatasetError
+from medseg.io.formats import SCAN_SUFFIXES
 
-# Suffixes medseg reads as single-file scans; DICOM series are folders (one case per sub-folder).
-SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".zip")
+# SCAN_SUFFIXES: single-file scans; DICOM series are folders (one case per sub-folder).
 
 
 def scan_stem(path: Path) -> str:
@@ -126,8 +126,3 @@ def read_datalist(path: Path, group_column: str | None = None) -> list[Case]:
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{path.name}: case ids are not unique")
     return cases
-
-
-def attach_groups(cases: list[Case], groups: dict[str, str]) -> list[Case]:
-    """Cases with ``group`` filled from an id -> group mapping (e.g. an index.csv column)."""
-    return [Case(c.id, c.image, c.mask, c.instances, groups.get(c.id, c.group)) for c in cases]

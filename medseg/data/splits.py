@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 from medseg.data.datalist import Case
 from medseg.errors import DatasetError
+from medseg.io.writers import write_text_atomic
 
 
 def make_folds(cases: list[Case], folds: int, seed: int) -> list[list[str]]:
@@ -41,10 +41,7 @@ def load_or_make_splits(path: Path, cases: list[Case], folds: int, seed: int) ->
         ) == ids:
             return saved["folds"]
     split = make_folds(cases, folds, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: DDP ranks may write at the same moment
-    tmp.write_text(json.dumps({"seed": seed, "folds": split}, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"seed": seed, "folds": split}, indent=1))  # DDP ranks may write at once
     return split
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import lightning as L
 import matplotlib
 import torch
 from safetensors.torch import save_file
+
+from medseg.io.writers import atomic_path
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -79,14 +80,11 @@ class LearningCurves(L.Callback):
             self._write()
 
     def _write(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / ".metrics.csv.tmp"
         extra = sorted({k for r in self.rows for k in r} - set(self.FIELDS))
-        with tmp.open("w", newline="") as f:
+        with atomic_path(self.out_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=[*self.FIELDS, *extra], restval=math.nan)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.out_dir / "metrics.csv")
         plot_learning_curves(self.rows, self.out_dir / "progress.png")
 
 
@@ -122,11 +120,9 @@ class SnapshotEnsemble(L.Callback):
         if step == self._last_saved or step not in steps or not trainer.is_global_zero:
             return
         self._last_saved = step
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu().clone() for k, v in pl_module.model.state_dict().items()}
-        tmp = self.out_dir / ".snapshot.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, self.out_dir / f"snapshot_{steps.index(step) + 1}.safetensors")
+        with atomic_path(self.out_dir / f"snapshot_{steps.index(step) + 1}.safetensors") as tmp:
+            save_file(state, str(tmp))
 
 
 def read_snapshots(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -156,7 +152,6 @@ def plot_learning_curves(rows: list[dict[str, float]], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)

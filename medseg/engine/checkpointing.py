@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from medseg.io.writers import fsync_dir
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write ``path`` as ``.<name>.tmp-<pid>`` in the same folder, fsync, then ``os.replace``.
@@ -42,20 +44,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:  # make the rename itself durable (a power cut right after must not bring the old name back)
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------- RNG state

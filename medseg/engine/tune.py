@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 import warnings
@@ -42,6 +41,7 @@ from optuna.trial import TrialState
 from medseg.config import ExperimentConfig, config_to_yaml, validate_config
 from medseg.engine.train import train
 from medseg.errors import ConfigError, MedsegError
+from medseg.io.writers import atomic_path, write_text_atomic
 
 log = logging.getLogger("medseg")
 
@@ -196,12 +196,6 @@ def make_objective(cfg: ExperimentConfig, out_dir: Path, progress: bool, max_tim
     return objective
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     """Optimisation history and parameter importances (optuna.visualization.matplotlib) as PNG."""
     import matplotlib
@@ -222,10 +216,9 @@ def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            tmp = out_dir / f".{name}.{os.getpid()}.tmp.png"
-            fig.savefig(tmp, dpi=90)
+            with atomic_path(out_dir / name) as tmp:
+                fig.savefig(tmp, dpi=90)
             plt.close(fig)
-            os.replace(tmp, out_dir / name)
             written.append(out_dir / name)
         except (ValueError, RuntimeError) as e:  # e.g. importances need two finished trials
             log.info("no %s: %s", name, e)
@@ -273,9 +266,9 @@ def tune(
     params = {k: _decode(v) for k, v in best.params.items()}
     best_cfg = apply_params(cfg, params)
     best_path = out_dir / "best_config.yaml"
-    _write_atomic(best_path, f"# best of {len(complete)} complete trials in study {name!r}: trial {best.number}, "
+    write_text_atomic(best_path, f"# best of {len(complete)} complete trials in study {name!r}: trial {best.number}, "
                              f"val Dice {best.value:.4f}\n" + config_to_yaml(best_cfg))
-    _write_atomic(out_dir / "best_params.json", json.dumps({"trial": best.number, "value": best.value, "params": params}, indent=1))
+    write_text_atomic(out_dir / "best_params.json", json.dumps({"trial": best.number, "value": best.value, "params": params}, indent=1))
     plots = save_plots(study, out_dir)
     return TuneResult(
         name, url, float(best.value), params, best_path, len(complete),

@@ -3,5 +3,6 @@
 
 from medseg.inference.postprocess import measure, postprocess_mask
 from medseg.inference.predictor import Prediction, Predictor
+from medseg.inference.protocol import ScanPredictor
 
-__all__ = ["Prediction", "Predictor", "measure", "postprocess_mask"]
+__all__ = ["Prediction", "Predictor", "ScanPredictor", "measure", "postprocess_mask"]

@@ -18,12 +18,14 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 
+from medseg.bundle import RESEARCH_NOTICE
 from medseg.errors import MedsegError
 from medseg.inference.deidentify import deidentify_dataset, derive_uid, ensure_uids
 from medseg.io import Scan
 from medseg.io.writers import atomic_path
 
-RESEARCH_ONLY = "Research use only - not for diagnosis"
+# RESEARCH_NOTICE in DICOM's default character set (ISO-IR 6 has no em dash), without the full stop.
+RESEARCH_ONLY = RESEARCH_NOTICE.replace("—", "-").rstrip(".")
 
 
 class DicomSegError(MedsegError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,12 @@ import numpy as np
 import torch
 
 from medseg.bundle import Bundle, load_bundle
-from medseg.config import ExperimentConfig
+from medseg.config import ExperimentConfig, TTAMode
 from medseg.data.preprocess import model_input, prepare_scan
 from medseg.inference.backends import Backend, default_backend, member_runner
 from medseg.inference.optimize import fold_batchnorm
 from medseg.inference.postprocess import measure, postprocess_mask
+from medseg.inference.protocol import Progress
 from medseg.inference.tiling import ModelFn, slice_batches
 from medseg.inference.tta import View, build_views, predict_probs_tta
 from medseg.io import Geometry, Scan
@@ -32,8 +32,6 @@ from medseg.models import build_model
 from medseg.transforms.resample import from_model_grid
 
 log = logging.getLogger("medseg")
-
-Progress = Callable[[float], None]
 
 
 @dataclass
@@ -58,7 +56,10 @@ class Predictor:
     """Ensemble members (``nn.Module`` returning logits ``(B, K, H, W)`` for ``(B, C, H, W)`` input in [0, 1])
     plus the experiment config that says how to preprocess, tile, augment and post-process.
 
-    ``rotations``: with ``tta=full``, also average over 90° rotations (doubles the passes).
+    The config is never changed after construction (one Predictor serves concurrent callers): per-call options
+    are arguments (``predict_scan(scan, tta=...)``). ``backend``: what runs the members
+    (`medseg.inference.backends`; None: the config's ``inference.backend``), a load-time choice. ``rotations``: with ``tta=full``, also average over 90° rotations (doubles the passes).
+    Satisfies ``medseg.inference.protocol.ScanPredictor``.
     """
 
     def __init__(
@@ -124,13 +125,22 @@ class Predictor:
             self._runners = [member_runner(m, self.backend, self.device) for m in self.members]
         return self._runners
 
-    def views(self, shape: tuple[int, int]) -> list[View]:
-        """TTA views (``cfg.inference.tta``) for slices of spatial ``shape`` (H, W)."""
-        return build_views(self.cfg.inference.tta, shape, self.cfg.inference, self.rotations)
+    def tta_mode(self, tta: TTAMode | str | None = None) -> TTAMode:
+        """The TTA mode a call with ``tta`` uses: the argument, or the bundle's ``inference.tta``."""
+        if tta is None:
+            return TTAMode(self.cfg.inference.tta)
+        try:
+            return TTAMode(tta)
+        except ValueError:
+            raise ValueError(f"unknown TTA mode {tta!r}; use {', '.join(TTAMode)}") from None
 
-    def passes(self, shape: tuple[int, int]) -> int:
+    def views(self, shape: tuple[int, int], tta: TTAMode | str | None = None) -> list[View]:
+        """TTA views (``tta``, default ``cfg.inference.tta``) for slices of spatial ``shape`` (H, W)."""
+        return build_views(self.tta_mode(tta), shape, self.cfg.inference, self.rotations)
+
+    def passes(self, shape: tuple[int, int], tta: TTAMode | str | None = None) -> int:
         """Model passes per slice (members × views), each a full overlap-tile pass."""
-        return len(self.members) * len(self.views(shape))
+        return len(self.members) * len(self.views(shape, tta))
 
     # ------------------------------------------------------------------------------------------ images
 
@@ -154,15 +164,16 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_image(
-        self, image: np.ndarray | torch.Tensor, progress: Progress | None = None
+        self, image: np.ndarray | torch.Tensor, *, tta: TTAMode | str | None = None, progress: Progress | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(probs (K, *spatial), uncertainty (*spatial))`` for a preprocessed image ``(C, H, W)`` or volume
-        ``(C, Z, Y, X)``: the mean over members × TTA views of ``softmax(logits / temperature)``."""
+        ``(C, Z, Y, X)``: the mean over members × TTA views (``tta``; None: the config's) of
+        ``softmax(logits / temperature)``."""
         x = torch.as_tensor(image, dtype=torch.float32)
         icfg = self.cfg.inference
         variance = icfg.uncertainty == "variance"
         fns = self.model_fns
-        views = self.views((int(x.shape[-2]), int(x.shape[-1])))
+        views = self.views((int(x.shape[-2]), int(x.shape[-1])), tta)
         if x.ndim == 3:
             batches: Any = [(0, 1, x[None])]
             n_batches = 1
@@ -192,10 +203,10 @@ class Predictor:
         assert probs is not None and unc is not None
         return probs, unc
 
-    def predict_probs(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
+    def predict_probs(self, image: np.ndarray | torch.Tensor, *, tta: TTAMode | str | None = None) -> np.ndarray:
         """Ensemble- and TTA-mean, temperature-scaled softmax ``(K, *spatial)`` for a preprocessed image
         ``(C, *spatial)``."""
-        return self.predict_image(image)[0]
+        return self.predict_image(image, tta=tta)[0]
 
     def probs_to_mask(self, probs: np.ndarray) -> np.ndarray:
         """``(K, *spatial)`` -> ``(*spatial)`` uint8: foreground ``>= threshold`` for binary tasks when
@@ -205,14 +216,18 @@ class Predictor:
             return (probs[1] >= thr).astype(np.uint8)
         return probs.argmax(0).astype(np.uint8)
 
-    def predict_scan(self, scan: Scan, progress: Progress | None = None) -> Prediction:
-        """Segment one scan. ``progress(fraction)`` is called after every model pass (0 < fraction <= 1).
+    def predict_scan(
+        self, scan: Scan, *, tta: TTAMode | str | None = None, progress: Progress | None = None
+    ) -> Prediction:
+        """Segment one scan. ``tta``: this call's test-time augmentation (None: the bundle's
+        ``inference.tta``); ``progress(fraction)`` is called after every model pass (0 < fraction <= 1).
 
         The network sees the scan on the model grid (the plan's scale, slices along the planned axis); class
         probabilities and uncertainty are brought back to the scan's own grid *before* argmax, so the mask is
         exact on the input grid."""
+        mode = self.tta_mode(tta)  # an unknown mode fails before any preprocessing
         x, grid = self.prepare(scan)
-        probs, uncertainty = self.predict_image(x, progress)
+        probs, uncertainty = self.predict_image(x, tta=mode, progress=progress)
         if grid.operations:
             probs = from_model_grid(probs, grid)
             uncertainty = np.clip(from_model_grid(uncertainty[None], grid)[0], 0.0, 1.0)

@@ -52,6 +52,18 @@ DETACHED_HEADER_SUFFIXES = frozenset({".mhd", ".nhdr"})
 # Archives inside an archive are never opened (bomb nesting); they are reported instead.
 ARCHIVE_SUFFIXES = frozenset({".zip", ".7z", ".rar", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".zst"})
 
+# The one table of suffixes, in the forms its users need (derived from SUFFIX_FORMATS, never listed again):
+# single-file scans in a dataset folder or a `medseg predict` folder (longest first, so ".nii.gz" wins over
+# ".nii"; DICOM slices are not cases of their own: a series is a folder or a .zip) ...
+SCAN_SUFFIXES: tuple[str, ...] = tuple(
+    sorted((s for s, f in SUFFIX_FORMATS.items() if f != ScanFormat.dicom), key=len, reverse=True)
+)
+# ... and the extensions an upload may have (Streamlit's ``type=`` list: the last suffix part; self-contained
+# files only, a detached .mhd/.nhdr header would need its data file too).
+UPLOAD_EXTENSIONS: tuple[str, ...] = tuple(
+    sorted({s.rsplit(".", 1)[-1] for s in SUFFIX_FORMATS if s not in DETACHED_HEADER_SUFFIXES})
+)
+
 SUPPORTED_DESCRIPTION = (
     "DICOM series (folder, files or .zip), NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd), "
     "PNG, JPEG, TIFF, BMP"

@@ -23,6 +23,12 @@ ColorSpec = str | tuple[int, int, int]
 DISPLAY_PERCENTILES = (0.5, 99.5)
 
 
+def default_color(label: int) -> str:
+    """``#rrggbb`` for ``label`` when the config names none: black for background, then ``DEFAULT_COLORS`` in
+    turn (the one palette: overlays, bundles' labels.json and the app's legend)."""
+    return "#000000" if label <= 0 else DEFAULT_COLORS[(label - 1) % len(DEFAULT_COLORS)]
+
+
 def label_colors(
     labels: Iterable[int], colors: Mapping[int, ColorSpec] | None = None
 ) -> dict[int, tuple[int, int, int]]:
@@ -34,7 +40,7 @@ def label_colors(
         label = int(label)
         if label <= 0:
             continue
-        spec = colors.get(label, DEFAULT_COLORS[(label - 1) % len(DEFAULT_COLORS)])
+        spec = colors.get(label, default_color(label))
         rgb = ImageColor.getrgb(spec) if isinstance(spec, str) else tuple(int(c) for c in spec)
         out[label] = (int(rgb[0]), int(rgb[1]), int(rgb[2]))
     return out

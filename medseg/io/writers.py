@@ -4,6 +4,7 @@ The output format follows the path's suffix: PNG/TIFF for 2D, NIfTI (.nii/.nii.g
 (the source's spacing/origin/direction are written exactly, via SimpleITK). DICOM inputs are written as
 NIfTI (or NRRD/MHA); DICOM SEG is a separate job. Every write is atomic: the data goes to a temporary file
 in the target folder, then ``os.replace`` puts it in place, so a reader never sees a half-written file.
+`atomic_path` is medseg's one way to write a file atomically (configs, plans, splits, metrics, plots too).
 """
 
 from __future__ import annotations
@@ -27,10 +28,26 @@ from medseg.io.volume import WRITABLE_VOLUME_SUFFIXES, write_volume
 _MASK_RASTER_FORMATS = frozenset({ScanFormat.png, ScanFormat.tiff})  # lossless only: no JPEG masks
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (after a power cut the old name must not come back); best effort on
+    file systems that cannot fsync a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix, so writers pick the same format); on success it
-    replaces ``path``, on error it is removed. The parent folder is created if needed."""
+    """Yield a temporary path beside ``path`` (same suffix, so writers pick the same format; a unique name, so
+    processes writing the same file at once, such as DDP ranks, never share one); on success it replaces ``path``,
+    on error it is removed. The parent folder is created if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A fresh name rather than mkstemp: mkstemp's 0600 mode would stick to the final file.
@@ -45,9 +62,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``path.write_text(text)``, atomically (`atomic_path`)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
 
 
 def _labels_as_integers(mask: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from medseg.config import ExperimentConfig
 from medseg.data.datalist import Case
+from medseg.io.writers import write_text_atomic
 from medseg.planning.device import DeviceProfile, cpu_profile, detect_device, gpu_profile
 from medseg.planning.fingerprint import Fingerprint, compute_fingerprint, summary_lines
 from medseg.planning.planner import Plan, apply_plan, explicit_keys, plan_experiment
@@ -85,9 +86,4 @@ def plan_run(
 
 
 def write_plan(plan: Plan, applied: set[str], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "plan.yaml"
-    tmp = out_dir / ".plan.yaml.tmp"
-    tmp.write_text(plan.to_yaml(applied))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(Path(out_dir) / "plan.yaml", plan.to_yaml(applied))

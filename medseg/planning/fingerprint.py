@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from scipy import ndimage
 from medseg.data.datalist import Case
 from medseg.errors import MedsegError
 from medseg.io import Scan, read_mask, read_scan
+from medseg.io.writers import write_text_atomic
 
 log = logging.getLogger("medseg")
 
@@ -242,12 +242,7 @@ class Fingerprint:
         }
 
     def save(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> Fingerprint:

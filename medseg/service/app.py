@@ -4,7 +4,7 @@
 POST /v1/segment                 multipart: file (scan; DICOM series as one .zip), tta?, series_uid?, anonymize?,
                                  allow_missing_slices?  -> 202 {job_id}
 GET  /v1/jobs/{id}               {job_id, status: queued|running|done|failed, progress 0..1, error}
-GET  /v1/jobs/{id}/mask          ?format=nifti|png|dicom-seg  (class indices on the scan's grid)
+GET  /v1/jobs/{id}/mask          ?format=nifti|png|dicom-seg, ?values=indices|raw  (on the scan's grid)
 GET  /v1/jobs/{id}/uncertainty   ?format=nifti|npz            (normalised entropy in [0, 1])
 GET  /v1/jobs/{id}/report        measurements per label (area mm² for 2D, volume mm³/mL for 3D)
 GET  /v1/models                  the loaded model: name, weights hash, labels, device
@@ -27,6 +27,7 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,7 +39,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medseg.bundle import RESEARCH_NOTICE
+from medseg.config import TTAMode
 from medseg.errors import MedsegError, ScanTooLargeError, UnsupportedFormatError
+from medseg.inference import Predictor
+from medseg.inference.outputs import MaskValues
 from medseg.io import MAX_IMAGE_PIXELS
 from medseg.service.budget import (
     DECODED_BYTES_PER_SAMPLE,
@@ -49,17 +53,16 @@ from medseg.service.budget import (
     machine_memory_bytes,
 )
 from medseg.service.guards import LOOPBACK_HOSTS, CallerGuard
-from medseg.service.jobs import TTA_MODES, Job, JobQueue, JobStatus, QueueFullError
+from medseg.service.jobs import Job, JobQueue, JobStatus, QueueFullError
 from medseg.service.limits import RequestBodyLimits
 from medseg.service.results import (
     MASK_DICOM_SEG,
-    MASK_NIFTI,
-    MASK_PNG,
     REPORT,
     UNCERTAINTY_NIFTI,
     MaskFormat,
     UncertaintyFormat,
     check_result_shape,
+    mask_file,
     uncertainty_npz,
 )
 from medseg.service.settings import ServiceSettings
@@ -68,8 +71,6 @@ from medseg.service.uploads import UploadTooLargeError, read_upload, store_uploa
 log = logging.getLogger("medseg.service")
 
 API_VERSION = "1"
-Tta = Literal["none", "flips", "multicrop", "full"]
-assert set(TTA_MODES) == set(Tta.__args__)  # one list of modes, two spellings (runtime and schema)
 
 # Reading a scan holds it in memory; cap how many requests do that at once (the queue caps the rest).
 _PARALLEL_READS = 4
@@ -106,8 +107,8 @@ class ModelOut(BaseModel):
     input_channels: int
     context_slices: int
     device: str
-    default_tta: str
-    tta_modes: list[str]
+    default_tta: TTAMode
+    tta_modes: list[TTAMode]
     notice: str
     model_card: str
     config: dict[str, Any]
@@ -134,7 +135,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _model_info(predictor: Any, model_card: str) -> ModelOut:
+def _model_info(predictor: Predictor, model_card: str) -> ModelOut:
     cfg = predictor.cfg
     config = cfg.model_dump(mode="json")
     # Server paths of the training data say nothing about the model and may name a site or a person.
@@ -145,7 +146,7 @@ def _model_info(predictor: Any, model_card: str) -> ModelOut:
         labels={int(k): LabelOut(**v) for k, v in predictor.labels.items()},
         label_map=dict(cfg.data.label_map), num_classes=cfg.data.num_classes,
         input_channels=cfg.data.input_channels, context_slices=cfg.data.context_slices,
-        device=str(predictor.device), default_tta=str(cfg.inference.tta), tta_modes=list(TTA_MODES),
+        device=str(predictor.device), default_tta=predictor.tta_mode(), tta_modes=list(TTAMode),
         notice=RESEARCH_NOTICE, model_card=model_card, config=config,
     )
 
@@ -163,17 +164,43 @@ def _refusal(err: BaseException) -> tuple[int | None, dict[str, str] | None]:
     return None, None
 
 
-def create_app(predictor: Any, settings: ServiceSettings | None = None, model_card: str = "") -> FastAPI:
-    """The service over one loaded model. ``predictor``: a ``Predictor`` or a bundle path (loaded here, once,
-    on ``settings.device``; its model card is served too). The job worker starts with the app, stops with it."""
-    settings = settings or ServiceSettings()
+@dataclass
+class Service:
+    """What the routes share: the settings, the job queue, the memory budget and the model's description."""
+
+    settings: ServiceSettings
+    jobs: JobQueue
+    budget: MemoryBudget
+    voxel_cap: int
+    model_info: ModelOut
+    work_dir: Path
+    own_work_dir: bool
+    reads: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(_PARALLEL_READS))
+
+    def finished_job(self, job_id: str) -> Job:
+        """The job, done; 404 when unknown, 409 when failed or not done yet."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id} (unknown, or deleted after its time to live)")
+        if job.status == JobStatus.failed:
+            raise HTTPException(409, f"job {job_id} failed: {job.error}")
+        if job.status != JobStatus.done:
+            raise HTTPException(409, f"job {job_id} is {job.status}; poll GET /v1/jobs/{job_id} until it is done")
+        return job
+
+
+def load_predictor(predictor: Any, settings: ServiceSettings, model_card: str) -> tuple[Predictor, str]:
+    """``predictor`` as given, or loaded once from a bundle path on ``settings.device`` (with its model card)."""
     if isinstance(predictor, (str, Path)):
         from medseg.bundle import load_bundle
-        from medseg.inference import Predictor
 
         bundle = load_bundle(predictor)
-        model_card = model_card or bundle.model_card
-        predictor = Predictor.from_bundle(bundle, device=settings.device, backend=settings.backend)
+        return Predictor.from_bundle(bundle, device=settings.device, backend=settings.backend), model_card or bundle.model_card
+    return predictor, model_card
+
+
+def build_service(predictor: Predictor, settings: ServiceSettings, model_card: str) -> Service:
+    """The job queue in its work folder, and the memory budget and voxel cap that keep a scan from taking more."""
     own_work_dir = settings.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="medseg-service-")) if own_work_dir else Path(settings.work_dir)
     jobs = JobQueue(predictor, work_dir, settings.max_queued, settings.job_ttl_s, settings.max_jobs,
@@ -183,35 +210,37 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     # A scan under the cap must fit into an empty budget, or a retry could never succeed.
     voxel_cap = min(settings.max_voxels or default_voxel_cap(predictor, memory),
                     budget.limit_bytes // DECODED_BYTES_PER_SAMPLE)
-    model_info = _model_info(predictor, model_card)
-    reads = threading.BoundedSemaphore(_PARALLEL_READS)
+    return Service(settings, jobs, budget, voxel_cap, _model_info(predictor, model_card), work_dir, own_work_dir)
 
+
+def _lifespan(service: Service):
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        jobs.start()
+        service.jobs.start()
+        info, settings = service.model_info, service.settings
         log.info("serving %s (%s) on %s; scans up to %s voxels, %.1f GB for queued scans, %g s per job",
-                 model_info.name, model_info.weights_hash, model_info.device, f"{voxel_cap:,}",
-                 budget.limit_bytes / 1e9, settings.job_timeout_s)
+                 info.name, info.weights_hash, info.device, f"{service.voxel_cap:,}",
+                 service.budget.limit_bytes / 1e9, settings.job_timeout_s)
         try:
             yield
         finally:
-            jobs.stop()
-            if own_work_dir:
-                shutil.rmtree(work_dir, ignore_errors=True)
+            service.jobs.stop()
+            if service.own_work_dir:
+                shutil.rmtree(service.work_dir, ignore_errors=True)
 
-    app = FastAPI(
-        title="medseg inference service", version=API_VERSION, lifespan=lifespan,
-        description=f"Segment medical scans with one medseg model bundle. {RESEARCH_NOTICE}",
-    )
-    # Outermost last: the Host check runs first, then the caller check, then the body limits.
+    return lifespan
+
+
+def add_guards(app: FastAPI, settings: ServiceSettings) -> None:
+    """Middleware, outermost last: the Host check runs first, then the caller check, then the body limits."""
     app.add_middleware(RequestBodyLimits, max_bytes=settings.max_upload_bytes, read_timeout_s=settings.read_timeout_s,
                        upload_timeout_s=settings.upload_timeout_s)
     app.add_middleware(CallerGuard, api_token=settings.api_token)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.trusted_hosts or LOOPBACK_HOSTS))
-    app.state.jobs = jobs
-    app.state.predictor = predictor
-    app.state.budget = budget
-    app.state.voxel_cap = voxel_cap
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON ``{"error": "..."}``."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
@@ -223,20 +252,15 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
         return JSONResponse({"error": "invalid request: " + "; ".join(problems)}, status_code=422)
 
-    def finished_job(job_id: str) -> Job:
-        job = jobs.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id} (unknown, or deleted after its time to live)")
-        if job.status == JobStatus.failed:
-            raise HTTPException(409, f"job {job_id} failed: {job.error}")
-        if job.status != JobStatus.done:
-            raise HTTPException(409, f"job {job_id} is {job.status}; poll GET /v1/jobs/{job_id} until it is done")
-        return job
+
+def add_upload_route(app: FastAPI, service: Service) -> None:
+    """``POST /v1/segment``: store, check and decode the upload within the limits, then queue it."""
+    jobs, budget, settings = service.jobs, service.budget, service.settings
 
     @app.post("/v1/segment", status_code=202, response_model=SubmittedOut, responses=ERRORS)
     def segment(
         file: Annotated[UploadFile, File(description="A scan: NIfTI, NRRD, MHA, PNG/JPEG/TIFF/BMP, DICOM file, or a .zip of a DICOM series")],
-        tta: Annotated[Tta | None, Form(description="Test-time augmentation; default: the bundle's")] = None,
+        tta: Annotated[TTAMode | None, Form(description="Test-time augmentation for this scan; default: the bundle's")] = None,
         series_uid: Annotated[str | None, Form(description="Which DICOM series when the zip holds several")] = None,
         anonymize: Annotated[bool, Form(description="De-identify the DICOM SEG (patient and study attributes, "
                                                     "hashed UIDs)")] = False,
@@ -249,7 +273,7 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         job_id, folder = jobs.new_folder()
         reservation = budget.reservation()  # taken from the header, before decoding; the worker releases it
         try:
-            with reads:
+            with service.reads:
                 upload = store_upload(file.file, file.filename, folder, settings.max_upload_bytes)
 
                 def admit(shape: tuple[int, ...], components: int) -> None:
@@ -257,8 +281,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
                     reservation.admit(shape, components)
 
                 try:
-                    scan = read_upload(upload, series_uid, max_voxels=voxel_cap,
-                                       max_pixels=min(voxel_cap, MAX_IMAGE_PIXELS), admit=admit,
+                    scan = read_upload(upload, series_uid, max_voxels=service.voxel_cap,
+                                       max_pixels=min(service.voxel_cap, MAX_IMAGE_PIXELS), admit=admit,
                                        allow_missing_slices=allow_missing_slices)
                 except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
@@ -275,23 +299,34 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
         body = SubmittedOut(job_id=job.id, status=job.status, status_url=url)
         return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": url})
 
+
+def add_job_routes(app: FastAPI, service: Service) -> None:
+    """``GET /v1/jobs/{id}`` and its results: mask, uncertainty, report."""
+
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
     def job_status(job_id: str) -> dict[str, Any]:
         """Where a job stands: queued, running (with progress), done or failed (with the error)."""
-        job = jobs.get(job_id)
+        job = service.jobs.get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id} (unknown, or deleted after its time to live)")
         return job.public()
 
     @app.get("/v1/jobs/{job_id}/mask", responses={**ERRORS, 200: {"content": {
         "application/gzip": {}, "image/png": {}, "application/dicom": {}}}}, response_class=FileResponse)
-    def job_mask(job_id: str, format: Annotated[MaskFormat, Query()] = MaskFormat.nifti) -> FileResponse:
-        """The mask as class indices on the input's grid: NIfTI (any input), PNG (2D only), DICOM SEG (DICOM only)."""
-        job = finished_job(job_id)
+    def job_mask(
+        job_id: str,
+        format: Annotated[MaskFormat, Query()] = MaskFormat.nifti,
+        values: Annotated[MaskValues, Query(description="indices: class indices as in /v1/models labels; raw: "
+                                                        "the training masks' label values (e.g. 0/255)")] = MaskValues.indices,
+    ) -> FileResponse:
+        """The mask on the input's grid: NIfTI (any input), PNG (2D only), DICOM SEG (DICOM only; one segment per
+        class, so ``values`` does not apply)."""
+        job = service.finished_job(job_id)
         if format == MaskFormat.png:
             if job.is_volume:
                 raise HTTPException(400, "PNG masks are for 2D images; ask for format=nifti")
-            return FileResponse(job.folder / MASK_PNG, media_type="image/png", filename=f"{job_id}_mask.png")
+            return FileResponse(job.folder / mask_file(values, format), media_type="image/png",
+                                filename=f"{job_id}_mask.png")
         if format == MaskFormat.dicom_seg:
             if not job.is_dicom:
                 raise HTTPException(400, "DICOM SEG needs a DICOM input; ask for format=nifti")
@@ -300,7 +335,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
                 raise HTTPException(422, f"no DICOM SEG for job {job_id}: {why}")
             return FileResponse(job.folder / MASK_DICOM_SEG, media_type="application/dicom",
                                 filename=f"{job_id}_seg.dcm")
-        return FileResponse(job.folder / MASK_NIFTI, media_type="application/gzip", filename=f"{job_id}_mask.nii.gz")
+        return FileResponse(job.folder / mask_file(values, format), media_type="application/gzip",
+                            filename=f"{job_id}_mask.nii.gz")
 
     @app.get("/v1/jobs/{job_id}/uncertainty", responses={**ERRORS, 200: {"content": {
         "application/gzip": {}, "application/octet-stream": {}}}}, response_class=FileResponse)
@@ -309,7 +345,7 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     ) -> Response:
         """Per-voxel uncertainty (normalised entropy, 0 = certain, 1 = uniform) as NIfTI or .npz
         (arrays ``uncertainty`` and ``geometry`` JSON)."""
-        job = finished_job(job_id)
+        job = service.finished_job(job_id)
         if format == UncertaintyFormat.npz:
             return Response(uncertainty_npz(job.folder), media_type="application/octet-stream",
                             headers={"Content-Disposition": f'attachment; filename="{job_id}_uncertainty.npz"'})
@@ -319,22 +355,47 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     @app.get("/v1/jobs/{job_id}/report", responses=ERRORS, response_class=FileResponse)
     def job_report(job_id: str) -> FileResponse:
         """Measurements per label (voxels; area in mm² for 2D, volume in mm³ and mL for 3D), model and upload hash."""
-        job = finished_job(job_id)
+        job = service.finished_job(job_id)
         return FileResponse(job.folder / REPORT, media_type="application/json")
+
+
+def add_model_routes(app: FastAPI, service: Service) -> None:
+    """``GET /v1/models`` and ``GET /health``."""
 
     @app.get("/v1/models", response_model=ModelsOut)
     def models() -> ModelsOut:
         """The model this process serves (one per process)."""
-        return ModelsOut(models=[model_info])
+        return ModelsOut(models=[service.model_info])
 
     @app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
     def health() -> JSONResponse:
         """Liveness: 200 while the inference worker runs, 503 if it died."""
-        alive = jobs.is_alive()
-        body = HealthOut(status="ok" if alive else "degraded", model=model_info.name, device=model_info.device,
-                         jobs=jobs.counts(), max_queued=settings.max_queued, max_voxels=voxel_cap,
-                         memory_budget_bytes=budget.limit_bytes, memory_used_bytes=budget.used_bytes,
-                         job_timeout_s=settings.job_timeout_s)
+        alive = service.jobs.is_alive()
+        settings, budget = service.settings, service.budget
+        body = HealthOut(status="ok" if alive else "degraded", model=service.model_info.name,
+                         device=service.model_info.device, jobs=service.jobs.counts(), max_queued=settings.max_queued,
+                         max_voxels=service.voxel_cap, memory_budget_bytes=budget.limit_bytes,
+                         memory_used_bytes=budget.used_bytes, job_timeout_s=settings.job_timeout_s)
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if alive else 503)
 
+
+def create_app(predictor: Any, settings: ServiceSettings | None = None, model_card: str = "") -> FastAPI:
+    """The service over one loaded model. ``predictor``: a ``Predictor`` or a bundle path (loaded here, once,
+    on ``settings.device``; its model card is served too). The job worker starts with the app, stops with it."""
+    settings = settings or ServiceSettings()
+    predictor, model_card = load_predictor(predictor, settings, model_card)
+    service = build_service(predictor, settings, model_card)
+    app = FastAPI(
+        title="medseg inference service", version=API_VERSION, lifespan=_lifespan(service),
+        description=f"Segment medical scans with one medseg model bundle. {RESEARCH_NOTICE}",
+    )
+    add_guards(app, settings)
+    app.state.jobs = service.jobs
+    app.state.predictor = predictor
+    app.state.budget = service.budget
+    app.state.voxel_cap = service.voxel_cap
+    add_error_handlers(app)
+    add_upload_route(app, service)
+    add_job_routes(app, service)
+    add_model_routes(app, service)
     return app

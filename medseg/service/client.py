@@ -1,7 +1,7 @@
 """``RemotePredictor``: the inference service behind ``medseg.inference.Predictor``'s interface, for the web app
 (used when ``MEDSEG_INFERENCE_URL`` is set) and scripts.
 
-``predict_scan(scan)`` uploads the scan (2D uint8/uint16 grey or uint8 RGB as PNG, everything else as NIfTI —
+Satisfies ``medseg.inference.protocol.ScanPredictor``: ``predict_scan(scan, tta=..., progress=...)`` uploads the scan (2D uint8/uint16 grey or uint8 RGB as PNG, everything else as NIfTI —
 both lossless, so the server sees the same array and geometry), polls the job, downloads the mask (NIfTI) and
 the uncertainty (.npz) and returns a ``Prediction`` on the scan's own geometry.
 
@@ -16,17 +16,16 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medseg.config import TTAMode
 from medseg.errors import MedsegError
 from medseg.inference.predictor import Prediction
+from medseg.inference.protocol import Progress
 from medseg.io import Geometry, Scan, write_scan
-
-ProgressFn = Callable[[float], None]
 
 
 class RemoteInferenceError(MedsegError):
@@ -135,9 +134,11 @@ class RemotePredictor:
 
     # ------------------------------------------------------------------------------------------ jobs
 
-    def submit(self, name: str, data: bytes, tta: str | None = None, series_uid: str | None = None) -> str:
-        """Upload one file; returns the job id. Waits out 429s (Retry-After) until ``wait_timeout``."""
-        form = {k: v for k, v in {"tta": tta, "series_uid": series_uid}.items() if v is not None}
+    def submit(self, name: str, data: bytes, tta: TTAMode | str | None = None, series_uid: str | None = None) -> str:
+        """Upload one file; returns the job id. Waits out 429s (Retry-After) until ``wait_timeout``.
+        ``tta``: this job's test-time augmentation (None: the served bundle's)."""
+        fields = {"tta": None if tta is None else str(TTAMode(tta)), "series_uid": series_uid}
+        form = {k: v for k, v in fields.items() if v is not None}
         deadline = time.monotonic() + self.wait_timeout
         while True:
             r = self._request("POST", "/v1/segment", files={"file": (name, data)}, data=form)
@@ -148,7 +149,7 @@ class RemotePredictor:
                 continue
             raise RemoteInferenceError(f"{name}: the inference service refused it ({r.status_code}): {_error_text(r)}")
 
-    def wait(self, job_id: str, progress: ProgressFn | None = None) -> dict[str, Any]:
+    def wait(self, job_id: str, progress: Progress | None = None) -> dict[str, Any]:
         """Poll until the job is done (returns its status) or failed (raises)."""
         deadline = time.monotonic() + self.wait_timeout
         while True:
@@ -164,8 +165,8 @@ class RemotePredictor:
             time.sleep(self.poll_interval)
 
     def fetch(self, job_id: str) -> tuple[np.ndarray, np.ndarray, Geometry]:
-        """A finished job's ``(mask, uncertainty, geometry)`` as the server wrote them."""
-        mask, geometry = _read_nifti_bytes(self._get_bytes(f"/v1/jobs/{job_id}/mask?format=nifti"))
+        """A finished job's ``(mask as class indices, uncertainty, geometry)`` as the server wrote them."""
+        mask, geometry = _read_nifti_bytes(self._get_bytes(f"/v1/jobs/{job_id}/mask?format=nifti&values=indices"))
         with np.load(io.BytesIO(self._get_bytes(f"/v1/jobs/{job_id}/uncertainty?format=npz")), allow_pickle=False) as z:
             uncertainty = np.asarray(z["uncertainty"], dtype=np.float32)
         return mask.astype(np.uint8), uncertainty, geometry
@@ -180,7 +181,9 @@ class RemotePredictor:
 
     # -------------------------------------------------------------------------- Predictor interface
 
-    def predict_scan(self, scan: Scan, progress: ProgressFn | None = None, tta: str | None = None) -> Prediction:
+    def predict_scan(
+        self, scan: Scan, *, tta: TTAMode | str | None = None, progress: Progress | None = None
+    ) -> Prediction:
         """Segment ``scan`` on the server; the Prediction is on ``scan.geometry``. ``progress(fraction)``
         is called while waiting."""
         name, data = encode_scan(scan)
@@ -194,7 +197,7 @@ class RemotePredictor:
             )
         return self._prediction(mask, uncertainty, scan.geometry)
 
-    def predict_file(self, path: str | Path, progress: ProgressFn | None = None, tta: str | None = None,
+    def predict_file(self, path: str | Path, *, tta: TTAMode | str | None = None, progress: Progress | None = None,
                      series_uid: str | None = None) -> Prediction:
         """Send a file as it is (e.g. a .zip of a DICOM series); the Prediction carries the geometry the server
         read. The file's name is sent only by its suffix."""

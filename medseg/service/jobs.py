@@ -15,7 +15,6 @@ writing the result files) is bounded by the voxel cap.
 from __future__ import annotations
 
 import fcntl
-import inspect
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from medseg.config import TTAMode
 from medseg.errors import MedsegError
 from medseg.io import Scan
 from medseg.io.checks import safe_reason
@@ -39,7 +39,6 @@ from medseg.service.results import write_results
 
 log = logging.getLogger("medseg.service")
 
-TTA_MODES = ("none", "flips", "multicrop", "full")
 _JOB_FOLDER = re.compile(r"[0-9a-f]{32}")
 LOCK_FILE = ".medseg-service.lock"
 
@@ -90,7 +89,7 @@ class Job:
     id: str
     folder: Path
     sha256: str
-    tta: str | None
+    tta: TTAMode | None  # None: the bundle's default
     anonymize: bool = False  # de-identify the DICOM SEG
     status: JobStatus = JobStatus.queued
     progress: float = 0.0
@@ -109,7 +108,8 @@ class Job:
 class JobQueue:
     """``submit`` a scan, the worker predicts it and writes the result files into the job's folder.
 
-    ``predictor``: a ``medseg.inference.Predictor`` (or anything with its ``predict_scan``/``cfg``/``labels``).
+    ``predictor``: a ``medseg.inference.Predictor`` (``predict_scan(scan, tta=, progress=)``, ``tta_mode``,
+    ``name``, ``weights_hash``, ``labels``; never changed here: the job's TTA goes to each call).
 
     ``work_dir`` belongs to this queue alone (a lock file says so; a second process gets ``MedsegError``). Jobs
     live in memory, so job folders found there at start-up are from a process that died: they are deleted
@@ -141,7 +141,6 @@ class JobQueue:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._seconds_per_job = 1.0  # running estimate for Retry-After
-        self._takes_progress = "progress" in inspect.signature(predictor.predict_scan).parameters
         self._thread = threading.Thread(target=self._work, name="medseg-inference", daemon=True)
         self._hooks = [
             member.register_forward_pre_hook(self._check_deadline_hook)
@@ -194,7 +193,7 @@ class JobQueue:
     def is_full(self) -> bool:
         return self._pending.full()
 
-    def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: str | None,
+    def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
                reservation: Any = None, anonymize: bool = False) -> Job:
         """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder`` and releases
         ``reservation``; once queued, the worker releases it when the job ends)."""
@@ -246,25 +245,17 @@ class JobQueue:
         job.status, job.progress = JobStatus.running, 0.05
         scan = job.scan
         assert scan is not None
-        cfg = self.predictor.cfg.inference
-        default_tta = cfg.tta
         self._deadline = time.monotonic() + self.job_timeout_s if math.isfinite(self.job_timeout_s) else None
         try:
-            # The worker is the only thread that touches the predictor, so a per-job TTA is a plain swap.
-            if job.tta is not None:
-                cfg.tta = job.tta
-            if self._takes_progress:
-                pred = self.predictor.predict_scan(scan, progress=self._progress(job))
-            else:
-                pred = self.predictor.predict_scan(scan)
+            pred = self.predictor.predict_scan(scan, tta=job.tta, progress=self._progress(job))
             self._check_deadline()
             job.progress = 0.95
             info = {
                 "job_id": job.id, "upload_sha256": job.sha256, "model": self.predictor.name,
-                "weights_hash": self.predictor.weights_hash, "tta": cfg.tta,
+                "weights_hash": self.predictor.weights_hash, "tta": str(self.predictor.tta_mode(job.tta)),
             }
             write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info,
-                          anonymize=job.anonymize, salt=self.salt)
+                          label_map=self.predictor.cfg.data.label_map, anonymize=job.anonymize, salt=self.salt)
             job.status, job.progress = JobStatus.done, 1.0
             log.info("job %s done in %.2f s", job.id, time.time() - start)
         except Exception as e:  # a broken scan or a writer bug fails this job, never the worker
@@ -272,7 +263,6 @@ class JobQueue:
             log.warning("job %s failed: %s", job.id, type(e).__name__)
         finally:
             self._deadline = None
-            cfg.tta = default_tta
             job.scan = None  # free the pixels (and DICOM headers) now; the files stay until the TTL
             if job.reservation is not None:
                 job.reservation.release()

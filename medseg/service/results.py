@@ -1,8 +1,9 @@
 """The files a finished job serves: mask (NIfTI always, PNG for 2D, DICOM SEG for DICOM input), uncertainty
 (NIfTI; .npz made on request) and the measurement report — all on the input scan's grid.
 
-Masks hold class indices (0 = background, 1.. as in ``GET /v1/models`` labels), not the training masks' raw
-values, so every format means the same thing.
+Masks are written by the one prediction writer (`medseg.inference.outputs.write_mask_file`), in both value
+conventions: class indices (default, 0 = background, 1.. as in ``GET /v1/models`` labels) and the dataset's raw
+label values (``?values=raw``), byte for byte what ``medseg predict`` and the app write.
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import MedsegError, ScanReadError
+from medseg.inference.outputs import MaskValues, ModelStamp, write_mask_file, write_uncertainty
 from medseg.inference.postprocess import measure
-from medseg.io import Geometry, Scan, write_mask
-from medseg.io.volume import write_volume
+from medseg.io import Geometry, Scan
 
 # NIfTI-1 stores each dimension as a 16-bit integer: a scan with a longer side cannot get its mask file.
 MAX_SIDE = 32767
 
-MASK_NIFTI = "mask.nii.gz"
-MASK_PNG = "mask.png"
 MASK_DICOM_SEG = "mask_seg.dcm"
 UNCERTAINTY_NIFTI = "uncertainty.nii.gz"
 REPORT = "report.json"
@@ -46,6 +45,11 @@ class MaskFormat(StrEnum):
     dicom_seg = "dicom-seg"
 
 
+def mask_file(values: MaskValues | str, fmt: MaskFormat) -> str:
+    """The job folder's file name for a mask in ``values`` and ``fmt`` (NIfTI or PNG)."""
+    return f"mask_{MaskValues(values)}{'.png' if fmt == MaskFormat.png else '.nii.gz'}"
+
+
 class UncertaintyFormat(StrEnum):
     nifti = "nifti"
     npz = "npz"
@@ -59,17 +63,23 @@ def write_results(
     labels: dict[int, dict[str, str]],
     info: dict[str, Any],
     *,
+    label_map: dict[int, int],
     anonymize: bool = False,
     salt: str = "",
 ) -> dict[str, Path]:
     """Write a job's result files into ``folder``; ``info`` (model, hashes, options) goes into the report.
+    Masks are written in both value conventions (``label_map``: raw value -> class).
 
     ``anonymize``: the DICOM SEG is de-identified (``medseg.inference.deidentify``; UIDs hashed with ``salt``).
     Every file is made ``0600`` (the folder is ``0700``): a mask of a DICOM input carries patient data."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    written = {"mask_nifti": write_mask(mask, scan, folder / MASK_NIFTI)}
-    if not scan.is_volume:
-        written["mask_png"] = write_mask(mask, scan, folder / MASK_PNG)
+    model = ModelStamp(str(info.get("model", "medseg")), str(info.get("weights_hash", "")))
+    formats = [MaskFormat.nifti] if scan.is_volume else [MaskFormat.nifti, MaskFormat.png]
+    written = {
+        f"mask_{values}_{fmt}": write_mask_file(mask, scan, folder / mask_file(values, fmt), label_map=label_map,
+                                                model=model, values=values)
+        for values in MaskValues for fmt in formats
+    }
     dicom_seg_error = None
     if scan.meta.get("format") == "dicom":
         from medseg.inference.dicom_seg import write_dicom_seg
@@ -77,12 +87,11 @@ def write_results(
         try:
             written["mask_dicom_seg"] = write_dicom_seg(
                 scan, mask, labels, folder / MASK_DICOM_SEG, anonymize=anonymize, salt=salt,
-                model_name=str(info.get("model", "medseg")), model_version=str(info.get("weights_hash", "")),
+                model_name=model.name, model_version=model.weights_hash,
             )
         except MedsegError as e:  # headers highdicom cannot use: the NIfTI mask is still worth having
             dicom_seg_error = str(e)
-    write_volume(uncertainty.astype(np.float32), scan.geometry, folder / UNCERTAINTY_NIFTI)
-    written["uncertainty_nifti"] = folder / UNCERTAINTY_NIFTI
+    written["uncertainty_nifti"] = write_uncertainty(uncertainty, scan, folder / UNCERTAINTY_NIFTI)
     report = {
         **info,
         "shape": list(mask.shape),

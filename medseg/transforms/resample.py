@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -158,7 +157,3 @@ def from_model_grid(probs: np.ndarray, geometry: Geometry) -> np.ndarray:
         else:
             raise ValueError(f"cannot undo operation {kind!r}")
     return np.ascontiguousarray(probs)
-
-
-def operations_summary(geometry: Geometry) -> list[dict[str, Any]]:
-    return [dict(op) for op in geometry.operations]

@@ -157,7 +157,7 @@ def test_upload_an_image_and_see_mask_and_area(server: str, browser, datasets_di
     time.sleep(2)
     assert len(audit_log.read_text().splitlines()) == 1
 
-    # The mask download is generated on click: the image's size, values 0/255, the notice in its text chunk.
+    # The mask download is generated on click: the image's size, class indices 0/1, the notice in its text chunk.
     with page.expect_download(timeout=60_000) as download:
         page.get_by_role("button", name="Mask (PNG)").click()
     saved = ARTIFACTS / "downloaded_mask.png"
@@ -165,7 +165,7 @@ def test_upload_an_image_and_see_mask_and_area(server: str, browser, datasets_di
     assert re.fullmatch(r"segmentation_[0-9a-f]{12}\.png", download.value.suggested_filename)
     with Image.open(saved) as mask, Image.open(image) as source:
         assert mask.size == source.size
-        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert set(np.unique(np.asarray(mask))) <= {0, 1}
         assert mask.text["Disclaimer"] == RESEARCH_NOTICE
     page.screenshot(path=str(ARTIFACTS / "03_after_view_change.png"))
     page.close()

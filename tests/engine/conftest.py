@@ -27,9 +27,9 @@ def _crop_with_foreground(mask: np.ndarray) -> tuple[int, int]:
     return where
 
 
-def make_tiny_dataset(root: Path, n: int = 8) -> Path:
-    """``n`` real 64x64 image/mask pairs (gray) cropped around nuclei."""
-    for sub in ("images", "masks"):
+def make_tiny_dataset(root: Path, n: int = 8, instances: bool = False) -> Path:
+    """``n`` real 64x64 image/mask pairs (gray) cropped around nuclei (and their instance maps in instances/)."""
+    for sub in ("images", "masks", *(["instances"] if instances else [])):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for p in sorted((SAMPLE / "images").iterdir())[:n]:
         image = np.asarray(Image.open(p).convert("L"))
@@ -37,6 +37,9 @@ def make_tiny_dataset(root: Path, n: int = 8) -> Path:
         y, x = _crop_with_foreground(mask)
         Image.fromarray(image[y : y + CROP, x : x + CROP]).save(root / "images" / f"{p.stem}.png")
         Image.fromarray(mask[y : y + CROP, x : x + CROP]).save(root / "masks" / f"{p.stem}.png")
+        if instances:
+            objects = np.asarray(Image.open(SAMPLE / "instances" / p.name))
+            Image.fromarray(objects[y : y + CROP, x : x + CROP]).save(root / "instances" / f"{p.stem}.png")
     return root
 
 

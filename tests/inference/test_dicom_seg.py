@@ -13,12 +13,13 @@ import pytest
 
 from medseg.inference.deidentify import deidentify_file, ensure_uids
 from medseg.inference.dicom_seg import DicomSegError, write_dicom_seg
-from medseg.inference.outputs import write_prediction_outputs
+from medseg.inference.outputs import ModelStamp, write_prediction_outputs
 from medseg.inference.predictor import Prediction
 from medseg.io import Geometry, Scan, read_scan
 
 LABELS = {0: {"name": "background", "color": "#000000"}, 1: {"name": "bone", "color": "#ff0000"},
           3: {"name": "box", "color": "#00ff00"}}  # non-consecutive label index: segment numbers must be 1, 2
+TINY = ModelStamp("tiny", "0123abcd")
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +107,15 @@ def test_prediction_outputs_write_seg_only_for_dicom(ct: Scan, tmp_path: Path) -
     mask = _mask(ct)
     probs = np.stack([1.0 - mask.clip(0, 1), mask.clip(0, 1)]).astype(np.float32)
     pred = Prediction(probs, mask, np.zeros(mask.shape, np.float32), ct.geometry)
-    written = write_prediction_outputs(ct, pred, LABELS, tmp_path, "ct", dicom_seg=True, model_name="tiny")
+    written = write_prediction_outputs(ct, pred, LABELS, tmp_path, "ct", label_map={0: 0, 1: 1}, model=TINY,
+                                       dicom_seg=True)
     assert written["dicom_seg"].name == "ct_seg.dcm" and written["mask"].name == "ct_mask.nii.gz"
     assert int(hd.seg.segread(written["dicom_seg"]).NumberOfFrames) > 0
     png = Scan(np.zeros((8, 9), np.uint8), Geometry.identity((8, 9)), "x.png")
     flat = Prediction(np.zeros((2, 8, 9), np.float32), np.zeros((8, 9), np.uint8), np.zeros((8, 9), np.float32),
                       png.geometry)
-    assert "dicom_seg" not in write_prediction_outputs(png, flat, LABELS, tmp_path, "png", dicom_seg=True)
+    assert "dicom_seg" not in write_prediction_outputs(png, flat, LABELS, tmp_path, "png", label_map={0: 0, 1: 1},
+                                                 model=TINY, dicom_seg=True)
     with pytest.raises(DicomSegError, match="x.png: DICOM SEG needs a DICOM input"):
         write_dicom_seg(png, flat.mask, LABELS, tmp_path / "no.dcm")
 

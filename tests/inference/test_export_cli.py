@@ -61,6 +61,6 @@ def test_cli_predict_with_tta_probabilities_and_uncertainty(make_bundle, repo_di
     unc = np.load(out / "crop_uncertainty.npz")["uncertainty"]
     assert probs.shape == (2, 61, 77) and unc.shape == (61, 77) and 0 <= unc.min() <= unc.max() <= 1
     assert np.array(Image.open(out / "crop_uncertainty.png")).shape == (61, 77)
-    np.testing.assert_array_equal(mask.array // 255, probs.argmax(0))  # mask written as raw values 0/255
+    np.testing.assert_array_equal(mask.array, probs.argmax(0))  # class indices by default
     res = runner.invoke(app, ["predict", str(bundle), str(inputs), "--out", str(out), "--tta", "sideways"])
     assert res.exit_code == 1 and "--tta 'sideways'" in res.output

@@ -10,7 +10,7 @@ from inference_helpers import tiny_state
 
 from medseg.data.preprocess import prepare_image
 from medseg.inference import Predictor
-from medseg.inference.outputs import write_prediction_outputs
+from medseg.inference.outputs import ModelStamp, write_prediction_outputs
 from medseg.inference.predictor import build_member
 from medseg.io import Geometry, Scan, read_scan
 
@@ -78,7 +78,8 @@ def test_volume_outputs_keep_the_input_geometry(make_bundle, hippo_image: Path, 
     scan = read_scan(hippo_image)
     pred = predictor.predict_scan(scan)
     assert pred.mask.shape == scan.spatial_shape and pred.probs.shape == (3, *scan.spatial_shape)
-    written = write_prediction_outputs(scan, pred, predictor.labels, tmp_path, "hippo", probabilities=True,
+    written = write_prediction_outputs(scan, pred, predictor.labels, tmp_path, "hippo", label_map=predictor.cfg.data.label_map,
+                                       model=ModelStamp(predictor.name, predictor.weights_hash), probabilities=True,
                                        uncertainty=True)
     source = sitk.ReadImage(str(hippo_image))
     for kind in ("mask", "uncertainty", "probabilities"):

@@ -116,3 +116,51 @@ def test_predictor_passes_and_progress() -> None:
     predictor.predict_scan(scan, progress=seen.append)
     # 5 slices in batches of 4 -> 2 batches × 2 members × 4 flips.
     assert len(seen) == 16 and seen == sorted(seen) and seen[-1] == 1.0 and seen[0] > 0
+
+
+def test_tta_is_chosen_per_call_and_never_changes_the_config() -> None:
+    """One Predictor serves every TTA mode: ``predict_scan(scan, tta=...)`` runs that mode's passes, None runs the
+    bundle's, and the config (shared by concurrent callers) is never touched."""
+    cfg = tiny_config("inference.tta=none")
+    before = cfg.model_dump()
+    predictor = Predictor([SymmetricConv(symmetric=False)], cfg, device="cpu")
+    scan = Scan(np.random.default_rng(2).integers(0, 256, (40, 48), dtype=np.uint8), Geometry.identity((40, 48)))
+    passes: dict[str, list[float]] = {}
+    probs = {}
+    for mode in (None, "flips", "multicrop", "none"):
+        seen: list[float] = []
+        probs[mode] = predictor.predict_scan(scan, tta=mode, progress=seen.append).probs
+        passes[str(mode)] = seen
+    assert {m: len(s) for m, s in passes.items()} == {"None": 1, "flips": 4, "multicrop": 5, "none": 1}
+    np.testing.assert_array_equal(probs[None], probs["none"])
+    assert np.abs(probs["flips"] - probs["none"]).max() > 1e-4  # an asymmetric model: the flips really ran
+    assert cfg.model_dump() == before and predictor.cfg is cfg
+    flips_default = Predictor([SymmetricConv(symmetric=False)], tiny_config("inference.tta=flips"), device="cpu")
+    np.testing.assert_allclose(flips_default.predict_scan(scan).probs, probs["flips"], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown TTA mode 'sideways'"):
+        predictor.predict_scan(scan, tta="sideways")
+
+
+def test_backend_is_a_predictor_option_not_a_config_change() -> None:
+    cfg = tiny_config()
+    compiled = Predictor([Pointwise()], cfg, device="cpu", backend="compile")
+    assert compiled.backend == "compile" and cfg.inference.backend == "auto"
+    assert Predictor([Pointwise()], cfg, device="cpu").backend == "torch"  # auto on this CPU
+    assert Predictor([Pointwise()], tiny_config("inference.backend=compile"), device="cpu").backend == "compile"
+
+
+def test_local_and_remote_predictors_share_one_interface() -> None:
+    """``ScanPredictor``: what the CLI, app and service call, with the same keyword-only per-call options."""
+    import inspect
+
+    from medseg.inference.protocol import ScanPredictor
+    from medseg.service.client import RemotePredictor
+
+    assert isinstance(Predictor([Pointwise()], tiny_config(), device="cpu"), ScanPredictor)
+    want = inspect.signature(ScanPredictor.predict_scan).parameters
+    for cls in (Predictor, RemotePredictor):
+        got = inspect.signature(cls.predict_scan).parameters
+        assert list(got) == list(want), cls
+        assert all(got[k].kind == want[k].kind and got[k].default == want[k].default for k in want), cls
+    assert {"name", "weights_hash", "labels"} <= set(ScanPredictor.__annotations__)
+    assert isinstance(ScanPredictor.__dict__["device"], property)

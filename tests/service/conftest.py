@@ -114,9 +114,9 @@ class GatedPredictor:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def predict_scan(self, scan, progress=None):
+    def predict_scan(self, scan, *, tta=None, progress=None):
         assert self.gate.wait(120), "test gate never opened"
-        return self.inner.predict_scan(scan, progress=progress)
+        return self.inner.predict_scan(scan, tta=tta, progress=progress)
 
 
 class FailingOncePredictor(GatedPredictor):
@@ -127,11 +127,11 @@ class FailingOncePredictor(GatedPredictor):
         self.gate.set()
         self.calls = 0
 
-    def predict_scan(self, scan, progress=None):
+    def predict_scan(self, scan, *, tta=None, progress=None):
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return super().predict_scan(scan, progress)
+        return super().predict_scan(scan, tta=tta, progress=progress)
 
 
 @pytest.fixture

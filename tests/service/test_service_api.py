@@ -148,6 +148,30 @@ def test_per_request_tta_applies_to_that_job_only(service: str, datasets_dir: Pa
     assert bad.status_code == 422 and "tta" in bad.json()["error"]
 
 
+class RecordingPredictor:
+    """The real predictor; records each call's TTA and checks nobody changed the shared config for it."""
+
+    def __init__(self, inner: Predictor):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def predict_scan(self, scan, *, tta=None, progress=None):
+        self.calls.append((tta, self.inner.cfg.inference.tta))
+        return self.inner.predict_scan(scan, tta=tta, progress=progress)
+
+
+def test_the_job_tta_goes_to_the_call_not_into_the_config(predictor: Predictor, datasets_dir: Path, start_service,
+                                                          tmp_path: Path) -> None:
+    recording = RecordingPredictor(predictor)
+    url = start_service(recording, ServiceSettings(work_dir=tmp_path))
+    data = nuclei_image(datasets_dir, 0).read_bytes()
+    for form in ({"tta": "multicrop"}, {}):
+        assert wait_done(url, submit(url, "a.png", data, **form).json()["job_id"])["status"] == "done"
+    assert recording.calls == [("multicrop", "none"), (None, "none")]
+
+
 # ----------------------------------------------------------------------------------------- bad requests
 
 
@@ -252,7 +276,7 @@ def test_finished_jobs_and_their_files_expire(predictor: Predictor, datasets_dir
     url = start_service(predictor, ServiceSettings(job_ttl_s=0.5, work_dir=tmp_path))
     job_id = submit(url, "a.png", nuclei_image(datasets_dir, 0).read_bytes()).json()["job_id"]
     assert wait_done(url, job_id)["status"] == "done"
-    assert (tmp_path / job_id / "mask.nii.gz").is_file()
+    assert (tmp_path / job_id / "mask_indices.nii.gz").is_file()
     deadline = time.monotonic() + 30
     while httpx.get(f"{url}/v1/jobs/{job_id}").status_code != 404:
         assert time.monotonic() < deadline, "job not purged after its TTL"
@@ -363,7 +387,7 @@ def test_job_errors_reach_the_client_without_paths_or_addresses(predictor: Predi
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
 
-        def predict_scan(self, scan, progress=None):
+        def predict_scan(self, scan, *, tta=None, progress=None):
             raise RuntimeError(
                 "Exception thrown in SimpleITK ImageFileWriter_Execute: /tmp/SimpleITK-build/ITK/Modules/IO/NIFTI/"
                 "src/itkNiftiImageIO.cxx:1440:\nITK ERROR: NiftiImageIO(0x55a417fd0c30): Dimension(0) = 60000 is "

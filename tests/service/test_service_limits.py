@@ -107,13 +107,13 @@ class SlowFirstScan:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def predict_scan(self, scan, progress=None):
+    def predict_scan(self, scan, *, tta=None, progress=None):
         self.calls += 1
         if self.calls == 1:
             for i in range(6000):
                 time.sleep(0.05)
                 progress(i / 6000)
-        return self.inner.predict_scan(scan, progress=progress)
+        return self.inner.predict_scan(scan, tta=tta, progress=progress)
 
 
 def test_a_job_past_its_time_limit_fails_and_the_worker_moves_on(predictor: Predictor, datasets_dir: Path,
