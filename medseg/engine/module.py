@@ -182,7 +182,7 @@ class SegModule(L.LightningModule):
         if t.schedule in ("cosine", "linear", "sgdr"):
             params.setdefault("min_ratio", t.min_lr_ratio)
         warmup = int(round(t.warmup_epochs * steps_per_epoch))
-        schedule = build_schedule(t.schedule, total, warmup, **params)
+        schedule = build_schedule(t.schedule, total, warmup, floor=t.min_lr_ratio, **params)
         self._nominal_snapshots = snapshot_steps(t.schedule, total, warmup, **params)
         if self.schedule_clock is None:  # a resumed run restored its clock from the checkpoint already
             self.schedule_clock = ScheduleClock(total)

@@ -111,5 +111,11 @@ def snapshot_steps(name: str, total_steps: int, warmup_steps: int = 0, **params:
     return [warmup_steps + e for e in sgdr_cycle_ends(steps, t0, int(params.get("t_mult", 1)))]
 
 
-def build_schedule(name: str, total_steps: int, warmup_steps: int = 0, **params: float) -> Schedule:
-    return with_warmup(SCHEDULES.build(name, max(1, total_steps - warmup_steps), **params), warmup_steps)
+def build_schedule(name: str, total_steps: int, warmup_steps: int = 0, floor: float = 0.0, **params: float) -> Schedule:
+    """The named schedule after ``warmup_steps`` of warmup; ``floor`` (``train.min_lr_ratio``) bounds every
+    schedule's factor from below (cosine, linear and SGDR decay onto it; poly, step and invsqrt are clamped)."""
+    schedule = SCHEDULES.build(name, max(1, total_steps - warmup_steps), **params)
+    if floor > 0:
+        decaying = schedule
+        schedule = lambda step: max(floor, decaying(step))  # noqa: E731 - a closure over the built schedule
+    return with_warmup(schedule, warmup_steps)

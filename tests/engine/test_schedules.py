@@ -61,3 +61,14 @@ def test_snapshot_steps_are_the_sgdr_cycle_ends_after_warmup() -> None:
     assert snapshot_steps("cosine", 80, 10) == []
     f = build_schedule("sgdr", 80, 10, t0=10, t_mult=2, min_ratio=0.0)
     assert all(f(s) == pytest.approx(1.0) for s in (20, 40))  # each snapshot step is followed by a restart
+
+
+@pytest.mark.parametrize("name", ["poly", "step", "invsqrt", "cosine", "linear", "sgdr"])
+def test_min_lr_ratio_is_the_floor_of_every_decaying_schedule(name: str) -> None:
+    # train.min_lr_ratio used to reach cosine/linear/SGDR only: poly decayed to 0 whatever it said.
+    f = build_schedule(name, 1000, 0, floor=0.05, **({"timescale": 1} if name == "invsqrt" else {}))
+    values = [f(s) for s in range(1000)]
+    assert min(values) >= 0.05 - 1e-12
+    if name in ("poly", "step", "invsqrt"):
+        assert values[-1] == pytest.approx(0.05)  # without the floor these end near 0 (poly, step) or at 0.03
+    assert build_schedule(name, 1000, 0, **({"timescale": 1} if name == "invsqrt" else {}))(999) < 0.05
