@@ -211,16 +211,26 @@ def predict(
     allow_missing_slices: Annotated[bool, typer.Option(
         "--allow-missing-slices",
         help="Segment DICOM series with gaps or unreadable slices anyway (positions and volumes approximate)")] = False,
+    run_anyway: Annotated[bool, typer.Option(
+        "--run-anyway",
+        help="Segment scans that do not look like the model's training data (refused otherwise; recorded in "
+        "<name>_compatibility.json)")] = False,
 ) -> None:
     """Segment scans: one mask per input (PNG for 2D images, NIfTI for volumes), plus overlays for 2D."""
+    import json
+
     from rich.progress import Progress
 
+    from medseg.bundle import load_bundle
     from medseg.inference import Predictor
+    from medseg.inference.compatibility import check_scan
     from medseg.inference.outputs import write_prediction_outputs
     from medseg.io import read_scan
 
     try:
-        predictor = Predictor.from_bundle(bundle, device=device)
+        loaded = load_bundle(bundle)
+        fingerprint = loaded.preprocessing.get("training_fingerprint")
+        predictor = Predictor.from_bundle(loaded, device=device)
         if tta is not None:
             if tta not in ("none", "flips", "multicrop", "full"):
                 raise MedsegError(f"--tta {tta!r}: use none, flips, multicrop or full")
@@ -239,6 +249,14 @@ def predict(
         for item in items:
             try:
                 scan = read_scan(item, allow_missing_slices=allow_missing_slices)
+                fit = check_scan(scan, fingerprint, predictor.cfg.data)
+                if not fit.ok and not run_anyway:
+                    raise MedsegError(f"does not fit this model: {fit.text()} Add --run-anyway to segment it anyway.")
+                if not fit.ok:
+                    console.print(f"[yellow]running anyway[/yellow] {item.name}: {fit.text()}", highlight=False)
+                    (out / f"{stems[item]}_compatibility.json").write_text(json.dumps(
+                        {"run_anyway": True, "problems": list(fit.problems), "weights_hash": predictor.weights_hash},
+                        indent=1))
                 pred = predictor.predict_scan(scan)
                 write_prediction_outputs(
                     scan, pred, predictor.labels, out, name=stems[item], label_map=predictor.cfg.data.label_map,

@@ -39,6 +39,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medseg.bundle import RESEARCH_NOTICE
 from medseg.errors import MedsegError, ScanTooLargeError, UnsupportedFormatError
+from medseg.inference.compatibility import IncompatibleScanError, check_scan
 from medseg.io import MAX_IMAGE_PIXELS
 from medseg.service.budget import (
     DECODED_BYTES_PER_SAMPLE,
@@ -167,12 +168,14 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     """The service over one loaded model. ``predictor``: a ``Predictor`` or a bundle path (loaded here, once,
     on ``settings.device``; its model card is served too). The job worker starts with the app, stops with it."""
     settings = settings or ServiceSettings()
+    fingerprint = getattr(predictor, "training_fingerprint", None)  # what scans are checked against (compatibility)
     if isinstance(predictor, (str, Path)):
         from medseg.bundle import load_bundle
         from medseg.inference import Predictor
 
         bundle = load_bundle(predictor)
         model_card = model_card or bundle.model_card
+        fingerprint = bundle.preprocessing.get("training_fingerprint")
         predictor = Predictor.from_bundle(bundle, device=settings.device)
     own_work_dir = settings.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="medseg-service-")) if own_work_dir else Path(settings.work_dir)
@@ -242,6 +245,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
                                                     "hashed UIDs)")] = False,
         allow_missing_slices: Annotated[bool, Form(description="Segment a DICOM series with gaps or unreadable "
                                                                "slices anyway (refused otherwise)")] = False,
+        run_anyway: Annotated[bool, Form(description="Segment a scan that does not look like the model's training "
+                                                     "data (refused with 422 otherwise; recorded in the report)")] = False,
     ) -> JSONResponse:
         """Queue a scan for segmentation; answers 202 with the job id at once (429 when the queue is full)."""
         if jobs.is_full():  # cheap refusal before reading anything
@@ -263,7 +268,12 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
                 except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
                     raise
-            job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation, anonymize)
+            fit = check_scan(scan, fingerprint, predictor.cfg.data)
+            if not fit.ok and not run_anyway:
+                raise IncompatibleScanError(f"The scan does not fit this model: {fit.text()} "
+                                            "Send run_anyway=true to segment it anyway.")
+            job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation, anonymize,
+                              compatibility=fit.problems, run_anyway=run_anyway)
         except BaseException as e:
             reservation.release()
             shutil.rmtree(folder, ignore_errors=True)

@@ -135,9 +135,13 @@ class RemotePredictor:
 
     # ------------------------------------------------------------------------------------------ jobs
 
-    def submit(self, name: str, data: bytes, tta: str | None = None, series_uid: str | None = None) -> str:
-        """Upload one file; returns the job id. Waits out 429s (Retry-After) until ``wait_timeout``."""
+    def submit(self, name: str, data: bytes, tta: str | None = None, series_uid: str | None = None,
+               run_anyway: bool = False) -> str:
+        """Upload one file; returns the job id. Waits out 429s (Retry-After) until ``wait_timeout``.
+        ``run_anyway``: segment a scan the service finds unlike the model's training data (refused otherwise)."""
         form = {k: v for k, v in {"tta": tta, "series_uid": series_uid}.items() if v is not None}
+        if run_anyway:
+            form["run_anyway"] = "true"
         deadline = time.monotonic() + self.wait_timeout
         while True:
             r = self._request("POST", "/v1/segment", files={"file": (name, data)}, data=form)
@@ -180,11 +184,12 @@ class RemotePredictor:
 
     # -------------------------------------------------------------------------- Predictor interface
 
-    def predict_scan(self, scan: Scan, progress: ProgressFn | None = None, tta: str | None = None) -> Prediction:
+    def predict_scan(self, scan: Scan, progress: ProgressFn | None = None, tta: str | None = None,
+                     run_anyway: bool = False) -> Prediction:
         """Segment ``scan`` on the server; the Prediction is on ``scan.geometry``. ``progress(fraction)``
         is called while waiting."""
         name, data = encode_scan(scan)
-        job_id = self.submit(name, data, tta)
+        job_id = self.submit(name, data, tta, run_anyway=run_anyway)
         self.wait(job_id, progress)
         mask, uncertainty, _ = self.fetch(job_id)
         if tuple(mask.shape) != tuple(scan.spatial_shape):
