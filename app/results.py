@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from app.exports import Provenance
+from app.gate import Decision
 from app.predictors import ModelInfo
 from medseg.io import Scan
 
@@ -31,7 +33,18 @@ class Result:
     truth_error: str = ""
     table: pd.DataFrame | None = None
     auto_window: tuple[float, float] | None = None  # the scan's percentile window (display), computed once
+    decision: Decision = field(default_factory=Decision)  # compatibility problems and whether run anyway
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # download name/bytes by kind, made once
 
     @property
     def mask(self) -> np.ndarray:
         return self.prediction.mask
+
+    def file(self, kind: str, make: Callable[[], tuple[str, bytes]]) -> tuple[str, bytes]:
+        """``(name, bytes)`` of a download, made once (again only after the mask changed: ``forget_files``)."""
+        if kind not in self.files:
+            self.files[kind] = make()
+        return self.files[kind]
+
+    def forget_files(self) -> None:
+        self.files.clear()

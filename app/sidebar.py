@@ -14,6 +14,7 @@ from app.settings import AppSettings
 from app.uploads import MASK_TYPES, SCAN_TYPES, UploadedBytes, UploadError, collect_upload
 from medseg.bundle import Bundle
 from medseg.errors import MedsegError
+from medseg.inference.compatibility import bundle_quality
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def choose_model(settings: AppSettings) -> ModelChoice | None:
     if not bundles:
         return None
     path = st.selectbox(
-        "Model bundle", bundles, format_func=lambda p: p.name.removesuffix(".zip"), key="model_path",
+        "Model bundle", bundles, format_func=_model_label, key="model_path",
         label_visibility="collapsed",  # under the sidebar's "Model" heading
     )
     try:
@@ -51,7 +52,19 @@ def choose_model(settings: AppSettings) -> ModelChoice | None:
     except MedsegError as e:
         st.error(f"This model cannot be loaded: {markdown_text(e)}")
         return None
+    quality = bundle_quality(bundle)
+    if quality:  # next to the name, not only inside the collapsed model card
+        st.warning(f"{markdown_text(quality)}: its masks may be poor.", icon=":material/warning:")
     return ModelChoice(path, bundle, _choose_tta())
+
+
+def _model_label(path: Path) -> str:
+    """``name`` or ``name · barely trained`` (a bundle that cannot load is named as is; choosing it says why)."""
+    name = path.name.removesuffix(".zip")
+    try:
+        return f"{name} · barely trained" if bundle_quality(load_bundle_cached(path)) else name
+    except MedsegError:
+        return name
 
 
 def _choose_tta() -> str:

@@ -177,6 +177,7 @@ class StagedUpload:
 class ReadResult:
     scan: Scan
     warnings: list[str] = field(default_factory=list)
+    series_uid: str | None = None  # the DICOM series chosen (None: the only one, or not DICOM)
 
 
 def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | None = None,

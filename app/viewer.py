@@ -15,7 +15,6 @@ from app.escape import html_text, markdown_text
 from app.exports import (
     dicom_seg_available,
     dicom_seg_bytes,
-    file_name,
     mask_bytes,
     mask_suffix,
     overlay_png_bytes,
@@ -91,7 +90,10 @@ def _render(result: Result, plane: Plane, index: int, **kw) -> tuple[np.ndarray,
     truth_view = None
     if truth is not None and truth_mode == "Side by side":
         truth_view = display.to_screen(display.compose(image, truth, **kw), size)
-    return display.to_screen(model_view, size), truth_view
+    labels = display.orientation_labels(scan, plane)
+    if truth_view is not None:
+        truth_view = display.draw_orientation(truth_view, labels)
+    return display.draw_orientation(display.to_screen(model_view, size), labels), truth_view
 
 
 @st.fragment
@@ -177,27 +179,26 @@ def _measurements(result: Result) -> None:
 
 
 def _downloads(result: Result, view: np.ndarray, view_name: str) -> None:
+    """Download buttons with their bytes made here, once per result (and mask edit): a callable made on click was
+    looked up after a slider move had replaced it ("Deferred file … not found"), so half the clicks did nothing."""
     st.markdown("**Download**")
     scan, prov, info = result.scan, result.provenance, result.info
     suffix = mask_suffix(scan)
+    name, data = result.file("mask", lambda: mask_bytes(scan, result.mask, info.label_map, prov))
     st.download_button(
-        f"Mask ({'NIfTI' if suffix == '.nii.gz' else 'PNG'})",
-        data=lambda: mask_bytes(scan, result.mask, info.label_map, prov)[1],
-        file_name=file_name("segmentation", prov, suffix),
+        f"Mask ({'NIfTI' if suffix == '.nii.gz' else 'PNG'})", data=data, file_name=name,
         mime="application/gzip" if suffix == ".nii.gz" else "image/png",
         on_click="ignore", icon=":material/download:", key="download_mask",
     )
+    name, data = overlay_png_bytes(view, prov, view_name)
     st.download_button(
-        "Overlay (PNG, this view)",
-        data=lambda: overlay_png_bytes(view, prov, view_name)[1],
-        file_name=file_name("overlay", prov, f"_{view_name}.png"),
+        "Overlay (PNG, this view)", data=data, file_name=name,
         mime="image/png", on_click="ignore", icon=":material/download:", key="download_overlay",
     )
     if dicom_seg_available(scan):
+        name, data = result.file("dicom_seg", lambda: dicom_seg_bytes(scan, result.mask, info.labels, prov))
         st.download_button(
-            "DICOM SEG",
-            data=lambda: dicom_seg_bytes(scan, result.mask, info.labels, prov)[1],
-            file_name=file_name("segmentation", prov, ".dcm"),
+            "DICOM SEG", data=data, file_name=name,
             mime="application/dicom", on_click="ignore", icon=":material/download:", key="download_seg",
         )
     elif scan.meta.get("format") == "dicom":

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from app_inputs import make_tiny_bundle
+from app_inputs import add_training_fingerprint, make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 # pytest puts tests/ on sys.path (rootdir conftest), where tests/app would shadow the app package as a namespace
@@ -27,6 +27,14 @@ if str(REPO) not in sys.path[:1]:
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("models")
     make_tiny_bundle(folder / "tiny-nuclei")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fingerprinted_models_dir(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path) -> Path:
+    """The tiny model with the fingerprint of the real nuclei images it stands for (2D, RGB/grey, 8-bit)."""
+    folder = tmp_path_factory.mktemp("fp-models")
+    add_training_fingerprint(make_tiny_bundle(folder / "tiny-nuclei"), datasets_dir / "dsb2018_nuclei")
     return folder
 
 
