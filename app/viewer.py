@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import display
+from app import display, editor
 from app.display import MANUAL_WINDOW, Plane
 from app.escape import html_text, markdown_text
 from app.exports import (
@@ -75,7 +75,7 @@ def _render(result: Result, plane: Plane, index: int, **kw) -> tuple[np.ndarray,
     scan, pred = result.scan, result.prediction
     volume = scan.is_volume
     image = display.take_plane(scan.array, plane, index) if volume else scan.array
-    mask = display.take_plane(pred.mask, plane, index) if volume else pred.mask
+    mask = display.take_plane(result.mask, plane, index) if volume else result.mask
     uncertainty = getattr(pred, "uncertainty", None) if kw.pop("show_uncertainty") else None
     if uncertainty is not None and volume:
         uncertainty = display.take_plane(uncertainty, plane, index)
@@ -115,6 +115,10 @@ def results_view() -> None:
             disabled=getattr(result.prediction, "uncertainty", None) is None,
             help="Bright where the model hesitates between labels (normalised entropy); check those areas first.",
         )
+        editing_on = st.toggle("Edit mask", key=f"edit_mode_{suffix}",
+                               help="Correct the mask: brush, eraser, fill a hole, delete a region, click prompts.")
+        if editing_on:
+            tool, label, radius, prompt_remove = editor.toolbar(result, suffix, colors)
         truth_mode = None
         if result.truth is not None:
             truth_mode = st.segmented_control(
@@ -125,7 +129,7 @@ def results_view() -> None:
                 st.caption(f"White outline: ground truth ({markdown_text(result.truth_name)})")
 
     with image_col:
-        plane, index, count = Plane.axial, 0, 1
+        plane, index, count, slider_key = Plane.axial, 0, 1, ""
         if scan.is_volume:
             # Plane and slice sit above the image so both stay on screen next to it.
             plane_col, slice_col = st.columns([2, 3], vertical_alignment="bottom")
@@ -133,9 +137,13 @@ def results_view() -> None:
                 "Plane", [p.value for p in Plane], default=Plane.axial.value, required=True, key=f"plane_{suffix}",
             ))
             count = display.slice_count(scan, plane)
+            slider_key = f"slice_{plane.value}_{suffix}"
+            if slider_key not in st.session_state:  # set here, not as a default: the wheel and keys move it too
+                st.session_state[slider_key] = display.best_slice(result.mask, plane) + 1
             index = slice_col.slider(
-                "Slice", 1, count, display.best_slice(result.mask, plane) + 1, key=f"slice_{plane.value}_{suffix}",
-                help="Starts at the slice with the most segmented voxels.",
+                "Slice", 1, count, key=slider_key,
+                help="Starts at the slice with the most segmented voxels. In the editing view the mouse wheel and "
+                "the arrow / Page keys move through slices.",
             ) - 1
         model_view, truth_view = _render(
             result, plane, index, colors=colors, alpha=opacity, window=window, visible=visible,
@@ -145,7 +153,13 @@ def results_view() -> None:
         where = f"{plane.value} slice {index + 1} of {count} · " if scan.is_volume else ""
         pixel = f"pixel {rows:.2f} × {cols:.2f} mm" if physical_units(scan) else "pixel size unknown"
         caption = where + pixel
-        if truth_view is None:
+        if editing_on:
+            editor.show(result, editor.EditorView(plane, index, count, slider_key, tool, label, radius, prompt_remove),
+                        model_view)
+            st.caption(caption)
+            if truth_view is not None:
+                st.image(truth_view, caption=f"Ground truth · {caption}")
+        elif truth_view is None:
             st.image(model_view, caption=caption)
         else:
             left, right = st.columns(2)
