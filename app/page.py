@@ -13,6 +13,7 @@ from app.auth import require_login
 from app.escape import markdown_text
 from app.measure import physical_units
 from app.predictors import describe, get_predictor
+from app.review_panel import REVIEWER
 from app.settings import load_settings
 from app.sidebar import choose_files, choose_model, model_details, no_model_message
 from app.viewer import results_view
@@ -62,6 +63,7 @@ def main() -> None:
     settings = _settings()
     _upload_janitor(str(settings.upload_dir))
     user = require_login()
+    st.session_state[REVIEWER] = user or "anonymous"
     upload, truth, model = _sidebar(settings)
     predictor = _load_model(settings, model)
     if upload is None:

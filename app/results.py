@@ -39,6 +39,7 @@ class Result:
 
     edited: np.ndarray | None = None  # the user's corrected copy of the mask (None until the first edit)
     history: EditHistory = field(default_factory=EditHistory)
+    review: Any = None  # the medseg.review.ReviewRow saved for this result, once reviewed
 
     @property
     def model_mask(self) -> np.ndarray:

@@ -21,6 +21,7 @@ from app.exports import (
 )
 from app.measure import physical_units, size_column
 from app.results import Result
+from app.review_panel import review_panel
 
 SWATCH = (
     '<div title="{name}" style="width:1rem;height:1rem;border-radius:.2rem;background:{color};'
@@ -169,6 +170,7 @@ def results_view() -> None:
     with side_col:
         _measurements(result)
         _downloads(result, model_view, f"{plane.value.lower()}{index + 1}" if scan.is_volume else "image")
+        review_panel(result)
 
 
 def _measurements(result: Result) -> None:

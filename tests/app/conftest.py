@@ -45,6 +45,8 @@ def app_env(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MEDSEG_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("MEDSEG_AUDIT_LOG", str(audit))
     monkeypatch.setenv("MEDSEG_UPLOAD_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setenv("MEDSEG_REVIEW_DIR", str(tmp_path / "reviews"))
+    monkeypatch.delenv("MEDSEG_FINETUNE_USERS", raising=False)
     monkeypatch.delenv("MEDSEG_INFERENCE_URL", raising=False)
     monkeypatch.delenv("MEDSEG_MAX_UPLOAD_MB", raising=False)
     monkeypatch.delenv("MEDSEG_MAX_VOXELS", raising=False)
