@@ -277,6 +277,39 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+def finetune(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle to start from (folder or .zip)")],
+    data: Annotated[Path, typer.Option(help="Review folder written by the app (images/, masks/, reviews.csv)")],
+    out: Annotated[Path | None, typer.Option(help="New bundle (default: <bundle>-v<N> beside the bundle)")] = None,
+    max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the fine-tuning run")] = 10.0,
+    with_original: Annotated[Path | None, typer.Option(
+        "--with-original", help="Also train on this dataset (images/ + masks/), e.g. the bundle's original data")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (for the before/after Dice)")] = "auto",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (repeatable)")] = None,
+) -> None:
+    """Fine-tune a model on reviewed cases into its next version (before/after Dice on held-aside reviews)."""
+    import re
+
+    from medseg.bundle import load_bundle
+    from medseg.engine.finetune import bundle_version
+    from medseg.engine.finetune import finetune as run_finetune
+
+    try:
+        parent = load_bundle(bundle)
+        stem = re.sub(r"-v\d+$", "", bundle.name.removesuffix(".zip"))  # demo-nuclei-v2 -> demo-nuclei-v3
+        target = out or bundle.resolve().parent / f"{stem}-v{bundle_version(parent) + 1}"
+        result = run_finetune(bundle, data, target, max_minutes=max_minutes, with_original=with_original,
+                              device=device, overrides=set_)
+    except MedsegError as e:
+        _fail(e)
+        return
+    console.print(
+        f"version {result.version} written to {result.bundle}: trained on {result.n_reviewed_train} reviewed"
+        f"{f' + {result.n_original} original' if result.n_original else ''} cases; Dice on {result.n_held_aside} "
+        f"held-aside reviewed case(s) {result.dice_before:.4f} -> {result.dice_after:.4f}", highlight=False)
+
+
 def _unique_output_stems(items: list[Path]) -> dict[Path, str]:
     """Output stem per input; inputs that share one (``a.png``, ``a.tif``, folder ``a`` and ``a.zip``) get their
     suffix appended (``a_tif``) so no output overwrites another."""
