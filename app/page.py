@@ -11,6 +11,7 @@ import streamlit as st
 from app import gate, progress, session, session_files
 from app.auth import require_login
 from app.escape import markdown_text
+from app.finetune_jobs import finetune_panel
 from app.measure import physical_units
 from app.predictors import describe, get_predictor
 from app.review_panel import REVIEWER
@@ -118,6 +119,7 @@ def _load_model(settings, model):
         input_error(f"The model cannot be loaded ({type(e).__name__}). Ask your administrator to check the server.")
     with st.sidebar:
         model_details(describe(predictor, model.bundle))
+        finetune_panel(model.bundle, model.bundle_path, settings, st.session_state.get(REVIEWER))
     return predictor
 
 

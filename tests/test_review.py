@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_accepted_and_corrected_cases_form_a_training_dataset(tmp_path: Path, da
 def test_concurrent_saves_keep_every_row(tmp_path: Path, datasets_dir: Path) -> None:
     scan = read_scan(sorted((datasets_dir / "dsb2018_nuclei" / "images").glob("*.png"))[1])
     mask = np.zeros(scan.spatial_shape, np.uint8)
-    threads = [threading.Thread(target=_save, args=(tmp_path, scan, mask, mask, "accepted", f"{i:064x}"))
+    threads = [threading.Thread(target=_save, args=(tmp_path, scan, mask, mask, "accepted", hashlib.sha256(str(i).encode()).hexdigest()))
                for i in range(6)]
     for t in threads:
         t.start()

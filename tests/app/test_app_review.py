@@ -3,6 +3,7 @@ send it) and reject write the review dataset; the browser test drives the canvas
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,41 @@ def test_accept_then_correct_then_reject_write_the_review_folder(app_env: Path, 
     _button(at, "review_reject").click().run()
     assert [r.verdict for r in read_reviews(reviews)] == ["accepted", "corrected", "rejected"]
     assert not (reviews / rows[1].mask).exists()
+
+
+def test_fine_tune_button_only_for_allowed_users_and_versions_listed(app_env: Path, datasets_dir: Path,
+                                                                     models_dir: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    import shutil
+
+    from medseg.review import save_review
+
+    reviews = app_env.parent / "reviews"
+    for i, image in enumerate(sorted((datasets_dir / "dsb2018_nuclei" / "images").glob("*.png"))[:2]):
+        from medseg.io import read_scan
+
+        scan = read_scan(image)
+        mask = np.zeros(scan.spatial_shape, np.uint8)
+        save_review(reviews, scan=scan, model_mask=mask, final_mask=mask, verdict="accepted", note="", who=None,
+                    model="tiny-nuclei", model_version="", weights_hash="x", input_sha256=hashlib.sha256(str(i).encode()).hexdigest(),
+                    label_map={0: 0, 255: 1}, num_classes=2)
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=TIMEOUT).run()
+    assert not [b for b in at.button if b.key == "finetune_start"]  # nobody may fine-tune by default
+    monkeypatch.setenv("MEDSEG_FINETUNE_USERS", "anonymous")
+    # A second version of the model beside the first: the picker and the sidebar list both.
+    models = tmp_path / "models"
+    shutil.copytree(models_dir / "tiny-nuclei", models / "tiny-nuclei")
+    shutil.copytree(models_dir / "tiny-nuclei", models / "tiny-nuclei-v2")
+    import json
+
+    prep = models / "tiny-nuclei-v2" / "preprocessing.json"
+    prep.write_text(json.dumps({**json.loads(prep.read_text()), "version": 2,
+                                "lineage": {"dice_before": 0.5, "dice_after": 0.75}}))
+    monkeypatch.setenv("MEDSEG_MODELS_DIR", str(models))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    start = _button(at, "finetune_start")
+    assert start.label == "Fine-tune from 2 reviewed cases" and not start.disabled
+    assert at.selectbox(key="model_path").options == ["tiny-nuclei · barely trained", "tiny-nuclei-v2 · barely trained"]
+    versions = " ".join(c.value for c in at.sidebar.caption)
+    assert "v1: tiny-nuclei" in versions and "v2: tiny-nuclei-v2" in versions and "0.500 → 0.750" in versions

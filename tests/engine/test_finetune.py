@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def _reviews(folder: Path, datasets_dir: Path, n: int) -> None:
         truth = (read_mask(root / "masks" / image.name).array > 0).astype(np.uint8)
         save_review(folder, scan=scan, model_mask=np.zeros_like(truth), final_mask=truth, verdict="corrected",
                     note="", who="tester", model="tiny-nuclei", model_version="", weights_hash="x",
-                    input_sha256=f"{i:064x}", label_map={0: 0, 255: 1}, num_classes=2)
+                    input_sha256=hashlib.sha256(str(i).encode()).hexdigest(), label_map={0: 0, 255: 1}, num_classes=2)
 
 
 def test_finetune_writes_the_next_version_with_lineage(tmp_path: Path, datasets_dir: Path) -> None:
