@@ -17,6 +17,7 @@ from app.predictors import describe, get_predictor
 from app.review_panel import REVIEWER
 from app.settings import load_settings
 from app.sidebar import choose_files, choose_model, model_details, no_model_message
+from app.upload_guard import show_rejected_uploads
 from app.viewer import results_view
 from medseg.bundle import RESEARCH_NOTICE
 from medseg.errors import MedsegError
@@ -62,6 +63,7 @@ def main() -> None:
     st.set_page_config(page_title="medseg · segmentation", page_icon=":material/biotech:", layout="wide")
     banner()
     settings = _settings()
+    show_rejected_uploads(settings)
     _upload_janitor(str(settings.upload_dir))
     user = require_login()
     st.session_state[REVIEWER] = user or "anonymous"
