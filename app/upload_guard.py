@@ -30,6 +30,6 @@ def rejection_reason(label: str, settings: AppSettings) -> str:
 
 
 def show_rejected_uploads(settings: AppSettings) -> None:
-    state = _GUARD(key="upload_guard", on_rejected_change=lambda: None, default={"rejected": []}, height=0)
-    for label in (state.get("rejected") if hasattr(state, "get") else getattr(state, "rejected", None)) or []:
+    state = _GUARD(key="upload_guard", on_rejected_change=lambda: None, default={"rejected": []})
+    for label in state.get("rejected") or []:
         st.error(markdown_text(rejection_reason(str(label), settings)), icon=":material/block:")

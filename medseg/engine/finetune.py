@@ -98,8 +98,7 @@ def finetune(
     overrides: list[str] | None = None,
 ) -> FinetuneResult:
     """Train the next version of ``bundle_path`` on the reviews in ``reviews``; the new bundle is written to ``out``
-    (the run's logs and checkpoints beside it in ``.<out name>.run``: hidden, so a models folder does not list the
-    run as another bundle). Raises ``MedsegError`` with one line when
+    (the run's logs and checkpoints beside it in ``.finetune-runs/.<out name>``). Raises ``MedsegError`` with one line when
     there is too little to train on."""
     import time
 
@@ -117,7 +116,8 @@ def finetune(
     if with_original is not None:
         d = parent.config.data
         original = discover_cases(with_original, d.images_dir, d.masks_dir)
-    run_dir = Path(out).parent / f".{Path(out).name}.run"
+    # Two hidden levels down: a models folder (searched two levels deep) never lists the run or its bundle.
+    run_dir = Path(out).parent / ".finetune-runs" / f".{Path(out).name}"
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [(f"review_{c.id}", c) for c in train_reviewed] + [(f"held_{c.id}", c) for c in held]
     rows += [(f"orig_{c.id}", c) for c in original]

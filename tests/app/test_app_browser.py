@@ -221,17 +221,22 @@ def _mask_download(page, label: str = "Mask (PNG)") -> np.ndarray:
 
 
 def _settle(page, seconds: float = 1.5) -> None:
-    page.wait_for_load_state("networkidle")
+    """Wait until the script (or fragment) run that the last action started has finished."""
     time.sleep(seconds)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=120_000)
+    page.wait_for_function(
+        "() => ['notRunning', 'initial'].includes("
+        "document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state'))",
+        timeout=300_000,
+    )
+    time.sleep(0.3)
 
 
 def _small_ct(tmp_path: Path, datasets_dir: Path) -> Path:
-    """The real CT, all 20 slices, cropped to 192 x 192 (a volume the nuclei model segments in seconds)."""
+    """The real CT, all 20 slices, cropped to 256 x 256 (a volume the nuclei model segments in seconds)."""
     from medseg.io import Geometry, read_scan, write_scan
 
     scan = read_scan(datasets_dir / "dicom_ct_series" / "images" / "ct.nii.gz")
-    scan.array = np.ascontiguousarray(scan.array[:, 160:352, 160:352])
+    scan.array = np.ascontiguousarray(scan.array[:, 128:384, 128:384])
     scan.geometry = Geometry.identity(scan.array.shape)
     return write_scan(scan, tmp_path / "small_ct.nii.gz")
 
@@ -278,10 +283,12 @@ def test_two_sessions_each_see_only_their_own_read_warnings(server: str, browser
     pages = {name: _open(browser, server) for name in zips}
     for name, page in pages.items():
         _upload(page, zips[name])
-    for page in pages.values():
-        page.get_by_text("Segment this series anyway").wait_for(timeout=120_000)
-    for page in pages.values():  # both ticked at about the same time: both reads run at once
-        page.get_by_text("Segment this series anyway").click()
+    boxes = {name: page.get_by_test_id("stCheckbox").filter(has_text="Segment this series anyway")
+             for name, page in pages.items()}
+    for box in boxes.values():
+        box.wait_for(timeout=120_000)
+    for box in boxes.values():  # both ticked at about the same time: both reads run at once
+        box.locator("label").click()
     for name, page in pages.items():
         other = next(n for n in zips if n != name)
         note = page.get_by_test_id("stAlertContentWarning").filter(has_text="missing slices")
@@ -356,7 +363,7 @@ def test_review_loop_edit_prompt_save_and_finetune(server: str, browser, dataset
     page.get_by_test_id("stTable").wait_for(timeout=300_000)
     model = _mask_download(page)
     rows, cols = model.shape
-    page.get_by_text("Edit mask").click()
+    page.get_by_text("Edit mask", exact=True).click()
     page.locator('[data-testid="medsegEditor"] img').wait_for(timeout=60_000)
     _settle(page)
 
@@ -392,13 +399,13 @@ def test_review_loop_edit_prompt_save_and_finetune(server: str, browser, dataset
 
     # Save the correction; accept a second image as it is.
     page.get_by_role("button", name="Save correction").click()
-    page.get_by_text("Saved as corrected").wait_for(timeout=60_000)
+    page.get_by_test_id("stAlertContentSuccess").filter(has_text="Saved as corrected").wait_for(timeout=60_000)
     other = sorted((datasets_dir / "dsb2018_nuclei" / "images").glob("*.png"))[5]
     _upload(page, other)
     page.get_by_test_id("stTable").wait_for(timeout=300_000)
     _settle(page)
     page.get_by_role("button", name="Accept").click()
-    page.get_by_text("Saved as accepted").wait_for(timeout=60_000)
+    page.get_by_test_id("stAlertContentSuccess").filter(has_text="Saved as accepted").wait_for(timeout=60_000)
     reviews = read_reviews(review_dir)
     assert [r.verdict for r in reviews][-2:] == ["corrected", "accepted"]
     assert float(reviews[-2].dice_model_vs_final) < 1.0 and reviews[-1].who == "anonymous"
@@ -407,7 +414,7 @@ def test_review_loop_edit_prompt_save_and_finetune(server: str, browser, dataset
 
     # Fine-tune: the job runs in the background; the new version is then offered by the model picker.
     page.get_by_role("button", name=re.compile(r"Fine-tune from \d+ reviewed cases")).click()
-    page.get_by_text("New version ready").wait_for(timeout=600_000)
+    page.get_by_test_id("stAlertContentSuccess").filter(has_text="New version ready").wait_for(timeout=600_000)
     page.screenshot(path=str(ARTIFACTS / "14_new_version.png"))
     assert (trained_models / "demo-nuclei-v2" / "config.yaml").is_file()
     versions = " ".join(page.get_by_test_id("stSidebar").get_by_test_id("stCaptionContainer").all_inner_texts())

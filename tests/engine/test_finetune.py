@@ -53,7 +53,7 @@ def test_finetune_writes_the_next_version_with_lineage(tmp_path: Path, datasets_
     from medseg.bundle import find_bundles
 
     assert [p.name for p in find_bundles(tmp_path / "models")] == ["tiny-nuclei", "tiny-nuclei-v2"]  # not the run
-    splits = json.loads((tmp_path / "models" / ".tiny-nuclei-v2.run" / "splits.json").read_text())
+    splits = json.loads((tmp_path / "models" / ".finetune-runs" / ".tiny-nuclei-v2" / "splits.json").read_text())
     assert len(splits["folds"][0]) == 1  # validation = the held-aside review
 
 
