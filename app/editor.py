@@ -71,9 +71,9 @@ def toolbar(result: Result, suffix: str, colors: dict[int, str]) -> tuple[str, i
     undo_col, redo_col = st.columns(2)
     history = result.history
     undo_col.button("Undo", key="edit_undo", icon=":material/undo:", disabled=not history.done,
-                    on_click=_undo_redo, args=(True,), use_container_width=True)
+                    on_click=_undo_redo, args=(True,), width="stretch")
     redo_col.button("Redo", key="edit_redo", icon=":material/redo:", disabled=not history.undone,
-                    on_click=_undo_redo, args=(False,), use_container_width=True)
+                    on_click=_undo_redo, args=(False,), width="stretch")
     message = st.session_state.pop(_MESSAGE, "")
     if message:
         st.warning(markdown_text(message), icon=":material/info:")

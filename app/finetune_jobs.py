@@ -4,7 +4,6 @@ where the model picker finds it."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import streamlit as st
 from app.escape import markdown_text
 from app.settings import AppSettings
 from medseg.bundle import Bundle
-from medseg.engine.finetune import bundle_version, reviewed_cases
+from medseg.engine.finetune import next_version_path, reviewed_cases
 
 DEFAULT_MINUTES = 10.0
 
@@ -60,8 +59,7 @@ class FinetuneJobs:
             current = self._jobs.get(str(bundle_path))
             if current is not None and current.running:
                 return current
-            stem = re.sub(r"-v\d+$", "", bundle_path.name.removesuffix(".zip"))
-            target = settings.models_dir / f"{stem}-v{bundle_version(bundle) + 1}"
+            target = next_version_path(bundle_path, bundle, settings.models_dir)
             log = settings.models_dir / f".{target.name}.log"
             with open(log, "wb") as out:
                 process = subprocess.Popen(

@@ -21,13 +21,13 @@ def review_panel(result: Result) -> None:
     accept, correct, reject = st.columns(3)
     edited = result.was_edited
     verdict = None
-    if accept.button("Accept", key="review_accept", icon=":material/check:", use_container_width=True,
+    if accept.button("Accept", key="review_accept", icon=":material/check:", width="stretch",
                      disabled=edited, help="The model's mask is right as it is."):
         verdict = "accepted"
-    if correct.button("Save correction", key="review_correct", icon=":material/edit:", use_container_width=True,
+    if correct.button("Save correction", key="review_correct", icon=":material/edit:", width="stretch",
                       disabled=not edited, help="Save your edited mask (switch on Edit mask to correct it)."):
         verdict = "corrected"
-    if reject.button("Reject", key="review_reject", icon=":material/close:", use_container_width=True,
+    if reject.button("Reject", key="review_reject", icon=":material/close:", width="stretch",
                      help="The result is unusable; recorded, not used for training."):
         verdict = "rejected"
     if verdict is not None:

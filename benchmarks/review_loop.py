@@ -15,7 +15,6 @@ whatever else runs on it): report them with the machine's load.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import time
@@ -26,21 +25,12 @@ import numpy as np
 from medseg.config import load_config
 from medseg.data.datalist import discover_cases
 from medseg.engine.evaluate import evaluate_cases
-from medseg.engine.finetune import finetune
+from medseg.engine.finetune import finetune, write_datalist
 from medseg.engine.train import train
 from medseg.inference import Predictor
 from medseg.review import save_review
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _datalist(path: Path, cases) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "image", "mask"])
-        writer.writeheader()
-        for c in cases:
-            writer.writerow({"id": c.id, "image": str(c.image), "mask": str(c.mask)})
-    return path
 
 
 def main() -> None:
@@ -65,7 +55,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    cfg = load_config(args.config, [f"data.datalist={_datalist(args.out / 'base.csv', base)}", "data.root=null",
+    cfg = load_config(args.config, [f"data.datalist={write_datalist(args.out / 'base.csv', [(c.id, c) for c in base])}", "data.root=null",
                                     f"train.budget_minutes={args.base_minutes}"])
     base_run = train(cfg, args.out / "base", progress=False)
     base_minutes = (time.time() - t0) / 60

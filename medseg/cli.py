@@ -297,8 +297,7 @@ def finetune(
 
     try:
         parent = load_bundle(bundle)
-        stem = re.sub(r"-v\d+$", "", bundle.name.removesuffix(".zip"))  # demo-nuclei-v2 -> demo-nuclei-v3
-        target = out or bundle.resolve().parent / f"{stem}-v{bundle_version(parent) + 1}"
+        target = out or next_version_path(bundle, parent)
         result = run_finetune(bundle, data, target, max_minutes=max_minutes, with_original=with_original,
                               device=device, overrides=set_)
     except MedsegError as e:

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,13 @@ def bundle_version(bundle: Bundle) -> int:
         return 1
 
 
+def next_version_path(bundle_path: Path, bundle: Bundle, folder: Path | None = None) -> Path:
+    """Where the next version goes: ``demo-nuclei`` -> ``demo-nuclei-v2``, ``demo-nuclei-v2`` -> ``-v3`` (beside
+    the bundle, or in ``folder``)."""
+    stem = re.sub(r"-v\d+$", "", Path(bundle_path).name.removesuffix(".zip"))
+    return Path(folder or Path(bundle_path).resolve().parent) / f"{stem}-v{bundle_version(bundle) + 1}"
+
+
 def reviewed_cases(reviews: Path) -> list[Case]:
     """The reviewed cases with files whose latest verdict is accepted or corrected."""
     verdicts = latest_verdicts(reviews)
@@ -69,7 +77,8 @@ def split_held_aside(cases: list[Case], share: float = HOLD_OUT) -> tuple[list[C
     return [c for c in cases if c.id not in held], [c for c in cases if c.id in held]
 
 
-def _write_datalist(path: Path, cases: list[tuple[str, Case]]) -> Path:
+def write_datalist(path: Path, cases: list[tuple[str, Case]]) -> Path:
+    """A datalist CSV (``id, image, mask``, absolute paths) of ``(id, case)`` pairs, as ``data.datalist`` reads."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["id", "image", "mask"])
         writer.writeheader()
@@ -121,7 +130,7 @@ def finetune(
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [(f"review_{c.id}", c) for c in train_reviewed] + [(f"held_{c.id}", c) for c in held]
     rows += [(f"orig_{c.id}", c) for c in original]
-    datalist = _write_datalist(run_dir / "datalist.csv", rows)
+    datalist = write_datalist(run_dir / "datalist.csv", rows)
     # Validation = the held-aside reviewed cases exactly: a two-fold split file with them as fold 0.
     cfg = parent.config.model_copy(deep=True)
     seed = cfg.data.split_seed
