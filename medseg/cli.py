@@ -289,11 +289,9 @@ def finetune(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (repeatable)")] = None,
 ) -> None:
     """Fine-tune a model on reviewed cases into its next version (before/after Dice on held-aside reviews)."""
-    import re
-
     from medseg.bundle import load_bundle
-    from medseg.engine.finetune import bundle_version
     from medseg.engine.finetune import finetune as run_finetune
+    from medseg.engine.finetune import next_version_path
 
     try:
         parent = load_bundle(bundle)
