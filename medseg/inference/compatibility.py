@@ -110,8 +110,8 @@ def _intensity_problems(scan: Scan, fp: Mapping[str, Any]) -> list[str]:
     # Training data without negative values (MR, microscopy) against a scan well below zero (CT in HU): as telling.
     negative = float(low_t) >= 0 and low < -NEGATIVE_SPAN * span
     if negative or low < float(low_t) - INTENSITY_SPANS * span or high > float(high_t) + INTENSITY_SPANS * span:
-        return [f"Its intensities ({low:g} to {high:g}) are far outside the training scans' ({float(low_t):g} to "
-                f"{float(high_t):g}): a different kind of scan, or another unit."]
+        return [f"Its intensities ({low:.4g} to {high:.4g}) are far outside the training scans' ({float(low_t):.4g} to "
+                f"{float(high_t):.4g}): a different kind of scan, or another unit."]
     return []
 
 

@@ -333,7 +333,7 @@ def _drag(page, rows: int, cols: int, r: int, c0: int, c1: int) -> list[tuple[in
 
 
 def _tool(page, name: str) -> None:
-    page.get_by_test_id("stButtonGroup").get_by_role("button", name=name, exact=True).click()
+    page.get_by_test_id("stButtonGroup").get_by_text(name, exact=True).click()
     _settle(page, 0.8)
 
 
