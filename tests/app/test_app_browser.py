@@ -316,7 +316,9 @@ def test_twenty_mask_downloads_after_slider_moves_all_arrive(server: str, browse
 
 def _editor_point(page, rows: int, cols: int, r: float, c: float) -> tuple[float, float]:
     """Screen coordinates of slice pixel (r, c)'s centre on the editor's image."""
-    box = page.locator('[data-testid="medsegEditor"] img').bounding_box()
+    image = page.locator('[data-testid="medsegEditor"] img')
+    image.scroll_into_view_if_needed()  # a click on a control may have scrolled the image out of the viewport
+    box = image.bounding_box()
     assert box is not None
     return box["x"] + (c + 0.5) * box["width"] / cols, box["y"] + (r + 0.5) * box["height"] / rows
 
@@ -373,8 +375,10 @@ def test_review_loop_edit_prompt_save_and_finetune(server: str, browser, dataset
     _tool(page, "Eraser")
     erased = editing.erase(brushed, _drag(page, rows, cols, 40, 40, 60), 4, 1)
     after_erase = _mask_download(page)
-    assert np.array_equal(after_erase, erased) and (brushed != erased).sum() > 0
     page.screenshot(path=str(ARTIFACTS / "12_editing.png"))
+    assert (brushed != erased).sum() > 0
+    assert np.array_equal(after_erase, erased), (int((after_erase != erased).sum()), int((after_erase != brushed).sum()),
+                                                 np.argwhere(after_erase != erased)[:10].tolist())
     page.get_by_role("button", name="Undo").click()
     _settle(page)
     assert np.array_equal(_mask_download(page), brushed)
