@@ -405,6 +405,8 @@ def test_review_loop_edit_prompt_save_and_finetune(server: str, browser, dataset
     page.get_by_role("button", name="Save correction").click()
     page.get_by_test_id("stAlertContentSuccess").filter(has_text="Saved as corrected").wait_for(timeout=60_000)
     other = sorted((datasets_dir / "dsb2018_nuclei" / "images").glob("*.png"))[5]
+    page.close()
+    page = _open(browser, server)  # a second reviewer's session (one upload each: files add up in one uploader)
     _upload(page, other)
     page.get_by_test_id("stTable").wait_for(timeout=300_000)
     _settle(page)
