@@ -30,8 +30,8 @@ def review_panel(result: Result) -> None:
     if reject.button("Reject", key="review_reject", icon=":material/close:", width="stretch",
                      help="The result is unusable; recorded, not used for training."):
         verdict = "rejected"
-    if verdict is not None:
-        _save(result, verdict, note, settings)
+    if verdict is not None and _save(result, verdict, note, settings):
+        st.rerun(scope="app")  # the sidebar's fine-tune button counts the reviews: redraw it too
     saved = result.review
     if saved is not None:
         st.success(f"Saved as **{saved.verdict}** (case {markdown_text(saved.case)}"
@@ -39,7 +39,7 @@ def review_panel(result: Result) -> None:
                    + ").", icon=":material/task_alt:")
 
 
-def _save(result: Result, verdict: str, note: str, settings) -> None:
+def _save(result: Result, verdict: str, note: str, settings) -> bool:
     info = result.info
     try:
         result.review = save_review(
@@ -51,3 +51,5 @@ def _save(result: Result, verdict: str, note: str, settings) -> None:
     except (OSError, MedsegError, ValueError) as e:
         st.error(f"The review could not be saved ({type(e).__name__}): ask your administrator to check "
                  "MEDSEG_REVIEW_DIR.", icon=":material/error:")
+        return False
+    return True
