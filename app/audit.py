@@ -60,6 +60,7 @@ def audit_inference(
     seconds: float,
     remote: bool,
     user: str | None = None,
+    run_anyway: bool = False,
 ) -> dict:
     """Write one audit line; returns the record (what was written). ``user``: who was signed in, when sign-in
     is configured (staff, not patient data)."""
@@ -76,5 +77,7 @@ def audit_inference(
     }
     if user:
         record["user"] = user
+    if run_anyway:  # the scan did not fit the model's training data; the user chose to segment it anyway
+        record["run_anyway"] = True
     logger.info(json.dumps(record, sort_keys=True))
     return record

@@ -31,6 +31,7 @@ AUTO_WINDOW = "Auto (0.5–99.5 %)"
 FILE_WINDOW = "From file"
 MANUAL_WINDOW = "Manual"
 TRUTH_OUTLINE_RGB = (255, 255, 255)
+TRUTH_RIM_RGB = (0, 0, 0)
 UNCERTAINTY_CMAP = "magma"
 DISPLAY_LONG_SIDE = 560  # px: fits a laptop screen with the controls; small scans are enlarged (nearest neighbour)
 
@@ -86,8 +87,8 @@ def window_for(option: str, scan: Scan, manual: tuple[float, float] | None = Non
 
 
 def has_intensity_window(scan: Scan) -> bool:
-    """RGB photographs and 8-bit images are shown as stored; windowing is for grey-value scans."""
-    return scan.channels == 1 and scan.array.dtype != np.uint8
+    """Every grey-value scan gets a window (8-bit MRI, X-ray and EM too); RGB photographs are shown as stored."""
+    return scan.channels == 1
 
 
 def slice_count(scan: Scan, plane: Plane) -> int:
@@ -158,9 +159,52 @@ def compose(
         strength = np.clip(uncertainty, 0, 1).astype(np.float32) * 0.85
         rgb = _blend(rgb, uncertainty > 0.02, heat, strength)
     if truth_outline is not None:
+        # A white line with a dark rim just outside it: visible on bright tissue (bone, contrast) and on dark.
+        rim = find_boundaries(truth_outline, mode="outer") & (truth_outline == 0)
+        rgb = _blend(rgb, rim, np.asarray(TRUTH_RIM_RGB, np.float32), 1.0)
         edges = find_boundaries(truth_outline, mode="inner") & (truth_outline > 0)
         rgb = _blend(rgb, edges, np.asarray(TRUTH_OUTLINE_RGB, np.float32), 1.0)
     return rgb
+
+
+# ITK directions are LPS: +x points to the patient's left, +y posterior, +z superior.
+_TOWARDS = ("L", "P", "S")
+_AWAY = ("R", "A", "I")
+
+
+def _towards(vector: np.ndarray) -> str:
+    k = int(np.argmax(np.abs(vector)))
+    return _TOWARDS[k] if vector[k] > 0 else _AWAY[k]
+
+
+def orientation_labels(scan: Scan, plane: Plane) -> dict[str, str]:
+    """Which way the patient faces on each edge of the slice ``take_plane`` shows: ``{"top": "A", "bottom": "P",
+    "left": "R", "right": "L"}`` for a standard axial CT (radiological view). Empty for 2D images."""
+    if not scan.is_volume or len(scan.geometry.direction) != 9:
+        return {}
+    axes = np.asarray(scan.geometry.direction, dtype=float).reshape(3, 3)  # column j: index axis j (x, y, z)
+    x, y, z = axes[:, 0], axes[:, 1], axes[:, 2]
+    columns, rows_down = {Plane.axial: (x, y), Plane.coronal: (x, -z), Plane.sagittal: (y, -z)}[plane]
+    return {"right": _towards(columns), "left": _towards(-columns), "bottom": _towards(rows_down),
+            "top": _towards(-rows_down)}
+
+
+def draw_orientation(rgb: np.ndarray, labels: Mapping[str, str]) -> np.ndarray:
+    """``rgb`` (screen size) with the orientation letters at the middle of each edge, white on a dark outline."""
+    if not labels:
+        return rgb
+    from PIL import ImageDraw, ImageFont
+
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=18)
+    h, w = rgb.shape[:2]
+    spots = {"top": (w / 2, 4, "mt"), "bottom": (w / 2, h - 4, "mb"), "left": (5, h / 2, "lm"),
+             "right": (w - 5, h / 2, "rm")}
+    for edge, text in labels.items():
+        x, y, anchor = spots[edge]
+        draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
+    return np.asarray(image)
 
 
 def to_screen(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

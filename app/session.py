@@ -6,8 +6,10 @@ Errors caused by the input surface as ``MedsegError`` with a one-line message; t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,9 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from app import session_files
 from app.audit import audit_inference, configure_audit_log
 from app.exports import Provenance
+from app.gate import Decision
 from app.measure import measurement_table
-from app.predictors import describe, get_predictor, run_inference
+from app.predictors import ModelInfo, describe, get_predictor, run_inference
 from app.results import Result
 from app.settings import AppSettings
 from app.sidebar import ModelChoice
@@ -74,37 +77,60 @@ def dicom_series(stage: StagedUpload, settings: AppSettings) -> list[DicomSeries
     return found
 
 
+def result_key(upload: UploadedBytes, series_uid: str | None, model: ModelChoice, settings: AppSettings,
+               info: ModelInfo) -> tuple:
+    """What a result depends on: (input, series, model location, weights, TTA)."""
+    return (upload.sha256, series_uid, settings.inference_url or str(model.bundle_path), info.weights_hash, model.tta)
+
+
+def cached_result(key: tuple) -> Result | None:
+    current: Result | None = st.session_state.get("result")
+    return current if current is not None and current.key == key else None
+
+
+class _RunAnyway:
+    """The remote predictor, telling the service to segment a scan it finds unlike its model's training data."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def predict_scan(self) -> Any:
+        return functools.partial(self._inner.predict_scan, run_anyway=True)
+
+
 def predict(
+    key: tuple,
     upload: UploadedBytes,
-    series_uid: str | None,
     loaded: ReadResult,
     model: ModelChoice,
     settings: AppSettings,
-    progress: Any,
+    on_progress: Callable[[float], None],
+    decision: Decision,
     user: str | None = None,
 ) -> Result:
-    """The segmentation of ``loaded.scan``: reused when nothing that affects it changed, else computed,
-    audited and remembered. ``progress``: an ``st.progress`` element to update."""
+    """The segmentation of ``loaded.scan`` (``key``: see ``result_key``), computed, audited and remembered.
+    ``on_progress(fraction)``: called after every slice/tile."""
     predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path)
     info = describe(predictor, model.bundle)
-    key = (upload.sha256, series_uid, settings.inference_url or str(model.bundle_path), info.weights_hash, model.tta)
-    current: Result | None = st.session_state.get("result")
-    if current is not None and current.key == key:
-        return current
+    if decision.run_anyway and model.bundle is None:
+        predictor = _RunAnyway(predictor)
     started = time.perf_counter()
-    prediction = run_inference(
-        predictor, loaded.scan, lambda f: progress.progress(f, text=f"Segmenting… {f:.0%}"), tta=model.tta
-    )
+    prediction = run_inference(predictor, loaded.scan, on_progress, tta=model.tta)
     seconds = time.perf_counter() - started
     st.session_state[INFERENCE_RUNS] = st.session_state.get(INFERENCE_RUNS, 0) + 1
     audit_inference(
         configure_audit_log(settings.audit_log), input_sha256=upload.sha256, model_name=info.name,
         weights_hash=info.weights_hash, tta=model.tta, device=info.device, seconds=seconds, remote=info.remote, user=user,
+        run_anyway=decision.run_anyway,
     )
     result = Result(
         key=key, scan=loaded.scan, prediction=prediction, info=info,
         provenance=Provenance(info.name, info.version or info.weights_hash, info.weights_hash, upload.sha256),
-        seconds=seconds, read_warnings=loaded.warnings,
+        seconds=seconds, read_warnings=loaded.warnings, decision=decision,
     )
     st.session_state["result"] = result
     return result

@@ -11,6 +11,9 @@ Environment:
     MEDSEG_MAX_UPLOAD_MB   largest upload, per file and in total (default 1024)
     MEDSEG_MAX_VOXELS      largest scan the server will decode (default 200 million voxels)
     MEDSEG_UPLOAD_DIR      where sessions' upload folders live (default: <tmp>/medseg-app-uploads-<uid>)
+    MEDSEG_REVIEW_DIR      the review dataset accepted / corrected cases are saved into (default ``reviews``)
+    MEDSEG_FINETUNE_USERS  comma-separated users allowed to fine-tune from the reviews (``*``: all; ``anonymous``:
+                           anyone when sign-in is off); empty: nobody
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from app.session_files import default_root
 from medseg.io import MAX_IMAGE_PIXELS, ArchiveLimits
 
 DEFAULT_MODELS_DIR = Path("models")
+DEFAULT_REVIEW_DIR = Path("reviews")
 DEFAULT_UPLOAD_MB = 1024
 # 200 M voxels is a 512 x 512 x 760 CT; with its class probabilities that is ~2.5 GB of RAM per session.
 DEFAULT_MAX_VOXELS = 200_000_000
@@ -38,6 +42,12 @@ class AppSettings:
     upload_mb: int
     max_voxels: int
     upload_dir: Path = field(default_factory=default_root)
+    review_dir: Path = DEFAULT_REVIEW_DIR  # accepted / corrected cases (medseg.review), a dataset medseg train reads
+    finetune_users: tuple[str, ...] = ()  # who may fine-tune from the reviews ("*": everyone; "anonymous": no sign-in)
+
+    def may_finetune(self, user: str | None) -> bool:
+        who = user or "anonymous"
+        return "*" in self.finetune_users or who in self.finetune_users
 
     @property
     def upload_bytes(self) -> int:
@@ -92,4 +102,6 @@ def load_settings(server_upload_mb: int | None = None) -> AppSettings:
         upload_mb=upload_mb,
         max_voxels=_positive_int("MEDSEG_MAX_VOXELS", DEFAULT_MAX_VOXELS),
         upload_dir=Path(os.environ.get("MEDSEG_UPLOAD_DIR", "").strip() or default_root()),
+        review_dir=Path(os.environ.get("MEDSEG_REVIEW_DIR", "").strip() or DEFAULT_REVIEW_DIR),
+        finetune_users=tuple(u.strip() for u in os.environ.get("MEDSEG_FINETUNE_USERS", "").split(",") if u.strip()),
     )

@@ -14,6 +14,7 @@ from app.settings import AppSettings
 from app.uploads import MASK_TYPES, SCAN_TYPES, UploadedBytes, UploadError, collect_upload
 from medseg.bundle import Bundle
 from medseg.errors import MedsegError
+from medseg.inference.compatibility import bundle_quality
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def choose_model(settings: AppSettings) -> ModelChoice | None:
     if not bundles:
         return None
     path = st.selectbox(
-        "Model bundle", bundles, format_func=lambda p: p.name.removesuffix(".zip"), key="model_path",
+        "Model bundle", bundles, format_func=_model_label, key="model_path",
         label_visibility="collapsed",  # under the sidebar's "Model" heading
     )
     try:
@@ -51,7 +52,46 @@ def choose_model(settings: AppSettings) -> ModelChoice | None:
     except MedsegError as e:
         st.error(f"This model cannot be loaded: {markdown_text(e)}")
         return None
+    versions = model_versions(bundles, bundle)
+    if len(versions) > 1:
+        st.caption("Versions of this model:  \n" + "  \n".join(markdown_text(v) for v in versions))
+    quality = bundle_quality(bundle)
+    if quality:  # next to the name, not only inside the collapsed model card
+        st.warning(f"{markdown_text(quality)}: its masks may be poor.", icon=":material/warning:")
     return ModelChoice(path, bundle, _choose_tta())
+
+
+def _model_label(path: Path) -> str:
+    """``name``, ``name · v2``, ``name · barely trained`` (a bundle that cannot load is named as is; choosing it
+    says why)."""
+    name = path.name.removesuffix(".zip")
+    try:
+        bundle = load_bundle_cached(path)
+    except MedsegError:
+        return name
+    version = bundle.preprocessing.get("version")
+    label = name if not version or f"v{version}" in name else f"{name} · v{version}"
+    return f"{label} · barely trained" if bundle_quality(bundle) else label
+
+
+def model_versions(bundles: list[Path], chosen: Bundle) -> list[str]:
+    """One line per version of the chosen model (same model name) in the models folder, oldest first."""
+    lines = []
+    for path in bundles:
+        try:
+            bundle = load_bundle_cached(path)
+        except MedsegError:
+            continue
+        if bundle.name != chosen.name:
+            continue
+        lineage = bundle.preprocessing.get("lineage") or {}
+        dice = (f", held-aside Dice {lineage['dice_before']:.3f} → {lineage['dice_after']:.3f}"
+                if "dice_after" in lineage else "")
+        this = " (chosen)" if bundle.path == chosen.path else ""
+        lines.append((int(bundle.preprocessing.get("version") or 1),
+                      f"v{bundle.preprocessing.get('version') or 1}: {path.name}, weights {bundle.weights_hash[:8]}"
+                      f"{dice}{this}"))
+    return [text for _, text in sorted(lines)]
 
 
 def _choose_tta() -> str:

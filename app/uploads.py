@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from medseg.errors import MedsegError, ScanReadError
 from medseg.io import (
     DicomSeriesInfo,
     Scan,
-    ScanReadWarning,
+    collect_read_warnings,
     list_dicom_series,
     read_mask,
     read_scan,
@@ -178,6 +177,7 @@ class StagedUpload:
 class ReadResult:
     scan: Scan
     warnings: list[str] = field(default_factory=list)
+    series_uid: str | None = None  # the DICOM series chosen (None: the only one, or not DICOM)
 
 
 def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | None = None,
@@ -187,10 +187,7 @@ def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | N
 
     Raises ``MedsegError`` subclasses with one-line messages (``MultipleSeriesError`` lists the series).
     """
-    # catch_warnings is process-wide: a warning from another session's read at the same instant could land here.
-    # The reader's warnings name only the scan, so the worst case is a misplaced note, never a leak of data.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ScanReadWarning)
+    with collect_read_warnings() as caught:  # this call's warnings only (not another session's)
         try:
             scan = read_scan(
                 staged.source,
@@ -204,7 +201,7 @@ def read_staged(staged: StagedUpload, settings: AppSettings, series_uid: str | N
         except MedsegError as e:
             raise staged.names.renamed(e) from None
     scan.source = staged.names.shown(scan.source)
-    notes = [staged.names.shown(str(w.message)) for w in caught if issubclass(w.category, ScanReadWarning)]
+    notes = [staged.names.shown(note) for note in caught]
     return ReadResult(scan, list(dict.fromkeys(notes)))
 
 

@@ -9,19 +9,19 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import display
+from app import display, editor
 from app.display import MANUAL_WINDOW, Plane
 from app.escape import html_text, markdown_text
 from app.exports import (
     dicom_seg_available,
     dicom_seg_bytes,
-    file_name,
     mask_bytes,
     mask_suffix,
     overlay_png_bytes,
 )
 from app.measure import physical_units, size_column
 from app.results import Result
+from app.review_panel import review_panel
 
 SWATCH = (
     '<div title="{name}" style="width:1rem;height:1rem;border-radius:.2rem;background:{color};'
@@ -76,7 +76,7 @@ def _render(result: Result, plane: Plane, index: int, **kw) -> tuple[np.ndarray,
     scan, pred = result.scan, result.prediction
     volume = scan.is_volume
     image = display.take_plane(scan.array, plane, index) if volume else scan.array
-    mask = display.take_plane(pred.mask, plane, index) if volume else pred.mask
+    mask = display.take_plane(result.mask, plane, index) if volume else result.mask
     uncertainty = getattr(pred, "uncertainty", None) if kw.pop("show_uncertainty") else None
     if uncertainty is not None and volume:
         uncertainty = display.take_plane(uncertainty, plane, index)
@@ -91,7 +91,10 @@ def _render(result: Result, plane: Plane, index: int, **kw) -> tuple[np.ndarray,
     truth_view = None
     if truth is not None and truth_mode == "Side by side":
         truth_view = display.to_screen(display.compose(image, truth, **kw), size)
-    return display.to_screen(model_view, size), truth_view
+    labels = display.orientation_labels(scan, plane)
+    if truth_view is not None:
+        truth_view = display.draw_orientation(truth_view, labels)
+    return display.draw_orientation(display.to_screen(model_view, size), labels), truth_view
 
 
 @st.fragment
@@ -113,6 +116,10 @@ def results_view() -> None:
             disabled=getattr(result.prediction, "uncertainty", None) is None,
             help="Bright where the model hesitates between labels (normalised entropy); check those areas first.",
         )
+        editing_on = st.toggle("Edit mask", key=f"edit_mode_{suffix}",
+                               help="Correct the mask: brush, eraser, fill a hole, delete a region, click prompts.")
+        if editing_on:
+            tool, label, radius, prompt_remove = editor.toolbar(result, suffix, colors)
         truth_mode = None
         if result.truth is not None:
             truth_mode = st.segmented_control(
@@ -123,7 +130,7 @@ def results_view() -> None:
                 st.caption(f"White outline: ground truth ({markdown_text(result.truth_name)})")
 
     with image_col:
-        plane, index, count = Plane.axial, 0, 1
+        plane, index, count, slider_key = Plane.axial, 0, 1, ""
         if scan.is_volume:
             # Plane and slice sit above the image so both stay on screen next to it.
             plane_col, slice_col = st.columns([2, 3], vertical_alignment="bottom")
@@ -131,9 +138,13 @@ def results_view() -> None:
                 "Plane", [p.value for p in Plane], default=Plane.axial.value, required=True, key=f"plane_{suffix}",
             ))
             count = display.slice_count(scan, plane)
+            slider_key = f"slice_{plane.value}_{suffix}"
+            if slider_key not in st.session_state:  # set here, not as a default: the wheel and keys move it too
+                st.session_state[slider_key] = display.best_slice(result.mask, plane) + 1
             index = slice_col.slider(
-                "Slice", 1, count, display.best_slice(result.mask, plane) + 1, key=f"slice_{plane.value}_{suffix}",
-                help="Starts at the slice with the most segmented voxels.",
+                "Slice", 1, count, key=slider_key,
+                help="Starts at the slice with the most segmented voxels. In the editing view the mouse wheel and "
+                "the arrow / Page keys move through slices.",
             ) - 1
         model_view, truth_view = _render(
             result, plane, index, colors=colors, alpha=opacity, window=window, visible=visible,
@@ -143,7 +154,13 @@ def results_view() -> None:
         where = f"{plane.value} slice {index + 1} of {count} · " if scan.is_volume else ""
         pixel = f"pixel {rows:.2f} × {cols:.2f} mm" if physical_units(scan) else "pixel size unknown"
         caption = where + pixel
-        if truth_view is None:
+        if editing_on:
+            editor.show(result, editor.EditorView(plane, index, count, slider_key, tool, label, radius, prompt_remove),
+                        model_view)
+            st.caption(caption)
+            if truth_view is not None:
+                st.image(truth_view, caption=f"Ground truth · {caption}")
+        elif truth_view is None:
             st.image(model_view, caption=caption)
         else:
             left, right = st.columns(2)
@@ -153,6 +170,7 @@ def results_view() -> None:
     with side_col:
         _measurements(result)
         _downloads(result, model_view, f"{plane.value.lower()}{index + 1}" if scan.is_volume else "image")
+        review_panel(result)
 
 
 def _measurements(result: Result) -> None:
@@ -177,27 +195,26 @@ def _measurements(result: Result) -> None:
 
 
 def _downloads(result: Result, view: np.ndarray, view_name: str) -> None:
+    """Download buttons with their bytes made here, once per result (and mask edit): a callable made on click was
+    looked up after a slider move had replaced it ("Deferred file … not found"), so half the clicks did nothing."""
     st.markdown("**Download**")
     scan, prov, info = result.scan, result.provenance, result.info
     suffix = mask_suffix(scan)
+    name, data = result.file("mask", lambda: mask_bytes(scan, result.mask, info.label_map, prov))
     st.download_button(
-        f"Mask ({'NIfTI' if suffix == '.nii.gz' else 'PNG'})",
-        data=lambda: mask_bytes(scan, result.mask, info.label_map, prov)[1],
-        file_name=file_name("segmentation", prov, suffix),
+        f"Mask ({'NIfTI' if suffix == '.nii.gz' else 'PNG'})", data=data, file_name=name,
         mime="application/gzip" if suffix == ".nii.gz" else "image/png",
         on_click="ignore", icon=":material/download:", key="download_mask",
     )
+    name, data = overlay_png_bytes(view, prov, view_name)
     st.download_button(
-        "Overlay (PNG, this view)",
-        data=lambda: overlay_png_bytes(view, prov, view_name)[1],
-        file_name=file_name("overlay", prov, f"_{view_name}.png"),
+        "Overlay (PNG, this view)", data=data, file_name=name,
         mime="image/png", on_click="ignore", icon=":material/download:", key="download_overlay",
     )
     if dicom_seg_available(scan):
+        name, data = result.file("dicom_seg", lambda: dicom_seg_bytes(scan, result.mask, info.labels, prov))
         st.download_button(
-            "DICOM SEG",
-            data=lambda: dicom_seg_bytes(scan, result.mask, info.labels, prov)[1],
-            file_name=file_name("segmentation", prov, ".dcm"),
+            "DICOM SEG", data=data, file_name=name,
             mime="application/dicom", on_click="ignore", icon=":material/download:", key="download_seg",
         )
     elif scan.meta.get("format") == "dicom":

@@ -214,12 +214,20 @@ def predict(
     allow_missing_slices: Annotated[bool, typer.Option(
         "--allow-missing-slices",
         help="Segment DICOM series with gaps or unreadable slices anyway (positions and volumes approximate)")] = False,
+    run_anyway: Annotated[bool, typer.Option(
+        "--run-anyway",
+        help="Segment scans that do not look like the model's training data (refused otherwise; recorded in "
+        "<name>_compatibility.json)")] = False,
 ) -> None:
     """Segment scans: one mask per input (PNG for 2D images, NIfTI for volumes), plus overlays for 2D."""
+    import json
+
     from rich.progress import Progress
 
+    from medseg.bundle import load_bundle
     from medseg.inference import Predictor
     from medseg.inference.backends import Backend
+    from medseg.inference.compatibility import check_scan
     from medseg.inference.outputs import MaskValues, ModelStamp, write_prediction_outputs
     from medseg.io import read_scan
 
@@ -229,7 +237,9 @@ def predict(
             raise MedsegError(f"--mask-values {mask_values!r}: use {' or '.join(MaskValues)}")
         if backend is not None and backend not in tuple(Backend):
             raise MedsegError(f"--backend {backend!r}: use {', '.join(Backend)}")
-        predictor = Predictor.from_bundle(bundle, device=device, backend=backend)
+        loaded = load_bundle(bundle)
+        fingerprint = loaded.preprocessing.get("training_fingerprint")
+        predictor = Predictor.from_bundle(loaded, device=device, backend=backend)
     except MedsegError as e:
         _fail(e)
         return
@@ -242,6 +252,14 @@ def predict(
         for item in items:
             try:
                 scan = read_scan(item, allow_missing_slices=allow_missing_slices)
+                fit = check_scan(scan, fingerprint, predictor.cfg.data)
+                if not fit.ok and not run_anyway:
+                    raise MedsegError(f"does not fit this model: {fit.text()} Add --run-anyway to segment it anyway.")
+                if not fit.ok:
+                    console.print(f"[yellow]running anyway[/yellow] {item.name}: {fit.text()}", highlight=False)
+                    (out / f"{stems[item]}_compatibility.json").write_text(json.dumps(
+                        {"run_anyway": True, "problems": list(fit.problems), "weights_hash": predictor.weights_hash},
+                        indent=1))
                 pred = predictor.predict_scan(scan, tta=tta_mode)
                 write_prediction_outputs(
                     scan, pred, predictor.labels, out, name=stems[item], label_map=predictor.cfg.data.label_map,
@@ -272,6 +290,36 @@ def _tta_option(tta: str | None):
         return TTAMode(tta)
     except ValueError:
         raise MedsegError(f"--tta {tta!r}: use {', '.join(TTAMode)}") from None
+
+
+@app.command()
+def finetune(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle to start from (folder or .zip)")],
+    data: Annotated[Path, typer.Option(help="Review folder written by the app (images/, masks/, reviews.csv)")],
+    out: Annotated[Path | None, typer.Option(help="New bundle (default: <bundle>-v<N> beside the bundle)")] = None,
+    max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the fine-tuning run")] = 10.0,
+    with_original: Annotated[Path | None, typer.Option(
+        "--with-original", help="Also train on this dataset (images/ + masks/), e.g. the bundle's original data")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (for the before/after Dice)")] = "auto",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (repeatable)")] = None,
+) -> None:
+    """Fine-tune a model on reviewed cases into its next version (before/after Dice on held-aside reviews)."""
+    from medseg.bundle import load_bundle
+    from medseg.engine.finetune import finetune as run_finetune
+    from medseg.engine.finetune import next_version_path
+
+    try:
+        parent = load_bundle(bundle)
+        target = out or next_version_path(bundle, parent)
+        result = run_finetune(bundle, data, target, max_minutes=max_minutes, with_original=with_original,
+                              device=device, overrides=set_)
+    except MedsegError as e:
+        _fail(e)
+        return
+    console.print(
+        f"version {result.version} written to {result.bundle}: trained on {result.n_reviewed_train} reviewed"
+        f"{f' + {result.n_original} original' if result.n_original else ''} cases; Dice on {result.n_held_aside} "
+        f"held-aside reviewed case(s) {result.dice_before:.4f} -> {result.dice_after:.4f}", highlight=False)
 
 
 def _unique_output_stems(items: list[Path]) -> dict[Path, str]:

@@ -33,6 +33,26 @@ from medseg.transforms.resample import from_model_grid
 
 log = logging.getLogger("medseg")
 
+PROGRESS_STEPS = 32  # with a progress callback, a volume is predicted in at least this many slice batches
+
+
+def expected_tile_calls(shape: tuple[int, int], images: int, cfg: Any) -> int:
+    """How many model calls ``predict_logits_2d`` makes for ``images`` images of ``shape`` (MONAI's window grid
+    over the mirror-padded image, ``sw_batch_size`` windows a call): the denominator of per-tile progress."""
+    from medseg.inference.tiling import tile_margin
+
+    (h, w), (th, tw) = shape, tuple(cfg.tile_size)
+    if h <= th and w <= tw:
+        return 1
+    windows = 1
+    for size, tile in ((h, th), (w, tw)):
+        padded = size + 2 * tile_margin(size, tile)
+        roi = min(tile, padded)
+        step = max(1, int(roi * (1 - cfg.overlap)))
+        windows *= 1 if padded <= roi else -(-(padded - roi) // step) + 1
+    sw_batch = max(1, cfg.batch_size // max(1, images))
+    return -(-windows * images // sw_batch)
+
 
 @dataclass
 class Prediction:
@@ -172,21 +192,42 @@ class Predictor:
         x = torch.as_tensor(image, dtype=torch.float32)
         icfg = self.cfg.inference
         variance = icfg.uncertainty == "variance"
-        fns = self.model_fns
         views = self.views((int(x.shape[-2]), int(x.shape[-1])), tta)
+        batch_size = icfg.batch_size
+        if x.ndim == 4 and progress is not None:
+            # A progress bar that moves: at least PROGRESS_STEPS updates per volume (one per slice for small
+            # volumes, whose single 32-slice batch otherwise showed 0 % until the very end).
+            batch_size = max(1, min(batch_size, -(-int(x.shape[1]) // PROGRESS_STEPS)))
         if x.ndim == 3:
             batches: Any = [(0, 1, x[None])]
             n_batches = 1
         else:
-            batches = slice_batches(x, self.cfg.data.context_slices, icfg.batch_size)
-            n_batches = -(-int(x.shape[1]) // icfg.batch_size)
-        total = max(1, n_batches * len(fns) * len(views))
-        done = [0]
+            batches = slice_batches(x, self.cfg.data.context_slices, batch_size)
+            n_batches = -(-int(x.shape[1]) // batch_size)
+        total = max(1, n_batches * len(self.members) * len(views))
+        done = [0, 0]  # passes finished, model calls (tiles) in the current pass
 
         def on_pass() -> None:
-            done[0] += 1
+            done[0], done[1] = done[0] + 1, 0
             if progress is not None:
                 progress(min(1.0, done[0] / total))
+
+        fns = self.model_fns
+        if progress is not None and x.ndim == 3:
+            # A large 2D image is one pass of many tiles: report per tile call within the pass.
+            calls = expected_tile_calls((int(x.shape[-2]), int(x.shape[-1])), 1, icfg)
+
+            def counted(fn: ModelFn) -> ModelFn:
+                def run(t: torch.Tensor) -> torch.Tensor:
+                    out = fn(t)
+                    done[1] += 1
+                    if calls > 1:
+                        progress(min(1.0, (done[0] + min(0.99, done[1] / calls)) / total))
+                    return out
+
+                return run
+
+            fns = [counted(fn) for fn in fns]
 
         probs: np.ndarray | None = None
         unc: np.ndarray | None = None

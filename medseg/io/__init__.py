@@ -37,7 +37,7 @@ from medseg.io.archive import (
     extracted_zip,
     safe_extract_zip,
 )
-from medseg.io.checks import MAX_IMAGE_PIXELS, MAX_VOXELS, ScanReadWarning
+from medseg.io.checks import MAX_IMAGE_PIXELS, MAX_VOXELS, ScanReadWarning, collect_read_warnings
 from medseg.io.dicom import DicomSeriesInfo, MissingSlicesError, MultipleSeriesError
 from medseg.io.formats import ScanFormat, detect_format
 from medseg.io.geometry import Geometry, Scan
@@ -60,6 +60,7 @@ __all__ = [
     "Scan",
     "ScanFormat",
     "ScanReadWarning",
+    "collect_read_warnings",
     "detect_format",
     "extract_zip_safely",
     "extracted_zip",

@@ -11,7 +11,9 @@ import functools
 import math
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,8 +32,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 Admit = Callable[[tuple[int, ...], int], None]
 
 
+_read_notes: ContextVar[list[str] | None] = ContextVar("medseg_read_notes", default=None)
+
+
 class ScanReadWarning(UserWarning):
-    """A scan was read, but something about it deserves attention (missing slices, NaN voxels fixed up)."""
+    """A scan was read, but something about it deserves attention (missing slices, NaN voxels fixed up).
+
+    Each one is also handed to the ``collect_read_warnings`` block of the thread/context that raised it, when made:
+    ``warnings.warn`` makes the instance before any filter is consulted, so another thread's
+    ``catch_warnings``/``simplefilter("ignore")`` (process-wide state) cannot lose it or show it to someone else."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        notes = _read_notes.get()
+        if notes is not None:
+            notes.append(str(self))
+
+
+@contextmanager
+def collect_read_warnings() -> Iterator[list[str]]:
+    """``with collect_read_warnings() as notes: read_scan(...)``: ``notes`` gets the texts of the
+    ``ScanReadWarning``s raised in this block by this thread only (a server reading for many users at once)."""
+    notes: list[str] = []
+    token = _read_notes.set(notes)
+    try:
+        yield notes
+    finally:
+        _read_notes.reset(token)
 
 
 def check_pixel_count(

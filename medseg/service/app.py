@@ -42,6 +42,7 @@ from medseg.bundle import RESEARCH_NOTICE
 from medseg.config import TTAMode
 from medseg.errors import MedsegError, ScanTooLargeError, UnsupportedFormatError
 from medseg.inference import Predictor
+from medseg.inference.compatibility import IncompatibleScanError, check_scan
 from medseg.inference.outputs import MaskValues
 from medseg.io import MAX_IMAGE_PIXELS
 from medseg.service.budget import (
@@ -175,6 +176,7 @@ class Service:
     model_info: ModelOut
     work_dir: Path
     own_work_dir: bool
+    fingerprint: dict[str, Any] | None = None  # the training data's summary, what uploads are checked against
     reads: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(_PARALLEL_READS))
 
     def finished_job(self, job_id: str) -> Job:
@@ -189,17 +191,21 @@ class Service:
         return job
 
 
-def load_predictor(predictor: Any, settings: ServiceSettings, model_card: str) -> tuple[Predictor, str]:
-    """``predictor`` as given, or loaded once from a bundle path on ``settings.device`` (with its model card)."""
+def load_predictor(predictor: Any, settings: ServiceSettings, model_card: str
+                   ) -> tuple[Predictor, str, dict[str, Any] | None]:
+    """``predictor`` as given, or loaded once from a bundle path on ``settings.device`` (with its model card);
+    and the training fingerprint uploads are checked against (model-scan compatibility)."""
     if isinstance(predictor, (str, Path)):
         from medseg.bundle import load_bundle
 
         bundle = load_bundle(predictor)
-        return Predictor.from_bundle(bundle, device=settings.device, backend=settings.backend), model_card or bundle.model_card
-    return predictor, model_card
+        return (Predictor.from_bundle(bundle, device=settings.device, backend=settings.backend),
+                model_card or bundle.model_card, bundle.preprocessing.get("training_fingerprint"))
+    return predictor, model_card, getattr(predictor, "training_fingerprint", None)
 
 
-def build_service(predictor: Predictor, settings: ServiceSettings, model_card: str) -> Service:
+def build_service(predictor: Predictor, settings: ServiceSettings, model_card: str,
+                  fingerprint: dict[str, Any] | None = None) -> Service:
     """The job queue in its work folder, and the memory budget and voxel cap that keep a scan from taking more."""
     own_work_dir = settings.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="medseg-service-")) if own_work_dir else Path(settings.work_dir)
@@ -210,7 +216,8 @@ def build_service(predictor: Predictor, settings: ServiceSettings, model_card: s
     # A scan under the cap must fit into an empty budget, or a retry could never succeed.
     voxel_cap = min(settings.max_voxels or default_voxel_cap(predictor, memory),
                     budget.limit_bytes // DECODED_BYTES_PER_SAMPLE)
-    return Service(settings, jobs, budget, voxel_cap, _model_info(predictor, model_card), work_dir, own_work_dir)
+    return Service(settings, jobs, budget, voxel_cap, _model_info(predictor, model_card), work_dir, own_work_dir,
+                   fingerprint)
 
 
 def _lifespan(service: Service):
@@ -266,6 +273,8 @@ def add_upload_route(app: FastAPI, service: Service) -> None:
                                                     "hashed UIDs)")] = False,
         allow_missing_slices: Annotated[bool, Form(description="Segment a DICOM series with gaps or unreadable "
                                                                "slices anyway (refused otherwise)")] = False,
+        run_anyway: Annotated[bool, Form(description="Segment a scan that does not look like the model's training "
+                                                     "data (refused with 422 otherwise; recorded in the report)")] = False,
     ) -> JSONResponse:
         """Queue a scan for segmentation; answers 202 with the job id at once (429 when the queue is full)."""
         if jobs.is_full():  # cheap refusal before reading anything
@@ -287,7 +296,12 @@ def add_upload_route(app: FastAPI, service: Service) -> None:
                 except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
                     raise
-            job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation, anonymize)
+            fit = check_scan(scan, service.fingerprint, jobs.predictor.cfg.data)
+            if not fit.ok and not run_anyway:
+                raise IncompatibleScanError(f"The scan does not fit this model: {fit.text()} "
+                                            "Send run_anyway=true to segment it anyway.")
+            job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation, anonymize,
+                              compatibility=fit.problems, run_anyway=run_anyway)
         except BaseException as e:
             reservation.release()
             shutil.rmtree(folder, ignore_errors=True)
@@ -383,8 +397,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     """The service over one loaded model. ``predictor``: a ``Predictor`` or a bundle path (loaded here, once,
     on ``settings.device``; its model card is served too). The job worker starts with the app, stops with it."""
     settings = settings or ServiceSettings()
-    predictor, model_card = load_predictor(predictor, settings, model_card)
-    service = build_service(predictor, settings, model_card)
+    predictor, model_card, fingerprint = load_predictor(predictor, settings, model_card)
+    service = build_service(predictor, settings, model_card, fingerprint)
     app = FastAPI(
         title="medseg inference service", version=API_VERSION, lifespan=_lifespan(service),
         description=f"Segment medical scans with one medseg model bundle. {RESEARCH_NOTICE}",

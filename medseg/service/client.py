@@ -134,11 +134,15 @@ class RemotePredictor:
 
     # ------------------------------------------------------------------------------------------ jobs
 
-    def submit(self, name: str, data: bytes, tta: TTAMode | str | None = None, series_uid: str | None = None) -> str:
+    def submit(self, name: str, data: bytes, tta: TTAMode | str | None = None, series_uid: str | None = None,
+               run_anyway: bool = False) -> str:
         """Upload one file; returns the job id. Waits out 429s (Retry-After) until ``wait_timeout``.
-        ``tta``: this job's test-time augmentation (None: the served bundle's)."""
+        ``tta``: this job's test-time augmentation (None: the served bundle's). ``run_anyway``: segment a scan
+        the service finds unlike the model's training data (refused otherwise)."""
         fields = {"tta": None if tta is None else str(TTAMode(tta)), "series_uid": series_uid}
         form = {k: v for k, v in fields.items() if v is not None}
+        if run_anyway:
+            form["run_anyway"] = "true"
         deadline = time.monotonic() + self.wait_timeout
         while True:
             r = self._request("POST", "/v1/segment", files={"file": (name, data)}, data=form)
@@ -182,12 +186,13 @@ class RemotePredictor:
     # -------------------------------------------------------------------------- Predictor interface
 
     def predict_scan(
-        self, scan: Scan, *, tta: TTAMode | str | None = None, progress: Progress | None = None
+        self, scan: Scan, *, tta: TTAMode | str | None = None, progress: Progress | None = None,
+        run_anyway: bool = False,
     ) -> Prediction:
         """Segment ``scan`` on the server; the Prediction is on ``scan.geometry``. ``progress(fraction)``
         is called while waiting."""
         name, data = encode_scan(scan)
-        job_id = self.submit(name, data, tta)
+        job_id = self.submit(name, data, tta, run_anyway=run_anyway)
         self.wait(job_id, progress)
         mask, uncertainty, _ = self.fetch(job_id)
         if tuple(mask.shape) != tuple(scan.spatial_shape):

@@ -91,6 +91,8 @@ class Job:
     sha256: str
     tta: TTAMode | None  # None: the bundle's default
     anonymize: bool = False  # de-identify the DICOM SEG
+    compatibility: tuple[str, ...] = ()  # how the scan differs from the training data (run anyway when non-empty)
+    run_anyway: bool = False
     status: JobStatus = JobStatus.queued
     progress: float = 0.0
     error: str | None = None
@@ -194,11 +196,13 @@ class JobQueue:
         return self._pending.full()
 
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
-               reservation: Any = None, anonymize: bool = False) -> Job:
+               reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
+               run_anyway: bool = False) -> Job:
         """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder`` and releases
         ``reservation``; once queued, the worker releases it when the job ends)."""
         job = Job(job_id, folder, sha256, tta, anonymize, is_volume=scan.is_volume,
-                  is_dicom=scan.meta.get("format") == "dicom", scan=scan, reservation=reservation)
+                  is_dicom=scan.meta.get("format") == "dicom", scan=scan, reservation=reservation,
+                  compatibility=tuple(compatibility), run_anyway=run_anyway)
         with self._lock:
             self._jobs[job.id] = job
         try:
@@ -253,6 +257,7 @@ class JobQueue:
             info = {
                 "job_id": job.id, "upload_sha256": job.sha256, "model": self.predictor.name,
                 "weights_hash": self.predictor.weights_hash, "tta": str(self.predictor.tta_mode(job.tta)),
+                "run_anyway": job.run_anyway, "compatibility_problems": list(job.compatibility),
             }
             write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info,
                           label_map=self.predictor.cfg.data.label_map, anonymize=job.anonymize, salt=self.salt)

@@ -67,3 +67,17 @@ def dicom_zip(
             ds.save_as(out)
             zf.writestr(f"export/series2/{files[i].name}", out.getvalue())
     return buf.getvalue()
+
+
+def add_training_fingerprint(bundle: Path, dataset: Path, max_cases: int = 16) -> Path:
+    """Give a bundle the fingerprint of real training data (what ``medseg train`` records), as the compatibility
+    checks read it."""
+    import json
+
+    from medseg.data.datalist import discover_cases
+    from medseg.planning.fingerprint import compute_fingerprint
+
+    record = json.loads((bundle / "preprocessing.json").read_text())
+    record["training_fingerprint"] = compute_fingerprint(discover_cases(dataset), max_cases=max_cases).summary()
+    (bundle / "preprocessing.json").write_text(json.dumps(record, indent=1))
+    return bundle

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from app_inputs import make_tiny_bundle
+from app_inputs import add_training_fingerprint, make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 # pytest puts tests/ on sys.path (rootdir conftest), where tests/app would shadow the app package as a namespace
@@ -30,6 +30,14 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def fingerprinted_models_dir(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path) -> Path:
+    """The tiny model with the fingerprint of the real nuclei images it stands for (2D, RGB/grey, 8-bit)."""
+    folder = tmp_path_factory.mktemp("fp-models")
+    add_training_fingerprint(make_tiny_bundle(folder / "tiny-nuclei"), datasets_dir / "dsb2018_nuclei")
+    return folder
+
+
 @pytest.fixture
 def app_env(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Environment for one AppTest: the tiny model, an audit log file, no remote service. Returns the log path."""
@@ -37,6 +45,8 @@ def app_env(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MEDSEG_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("MEDSEG_AUDIT_LOG", str(audit))
     monkeypatch.setenv("MEDSEG_UPLOAD_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setenv("MEDSEG_REVIEW_DIR", str(tmp_path / "reviews"))
+    monkeypatch.delenv("MEDSEG_FINETUNE_USERS", raising=False)
     monkeypatch.delenv("MEDSEG_INFERENCE_URL", raising=False)
     monkeypatch.delenv("MEDSEG_MAX_UPLOAD_MB", raising=False)
     monkeypatch.delenv("MEDSEG_MAX_VOXELS", raising=False)

@@ -68,18 +68,25 @@ def audit_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def review_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("reviews") / "reviews"
+
+
+@pytest.fixture(scope="module")
 def upload_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("uploads")
 
 
 @pytest.fixture(scope="module")
-def server(trained_models: Path, audit_log: Path, upload_dir: Path,
+def server(trained_models: Path, audit_log: Path, upload_dir: Path, review_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not CHROMIUM.exists():
         pytest.fail("Chromium is missing: run scripts/install_browser_deps.sh")
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "app.log"
-    env = {**os.environ, "MEDSEG_AUDIT_LOG": str(audit_log), "MEDSEG_UPLOAD_DIR": str(upload_dir)}
+    env = {**os.environ, "MEDSEG_AUDIT_LOG": str(audit_log), "MEDSEG_UPLOAD_DIR": str(upload_dir),
+           "MEDSEG_REVIEW_DIR": str(review_dir), "MEDSEG_FINETUNE_USERS": "anonymous",
+           "MEDSEG_FINETUNE_MINUTES": "0.5"}
     env.pop("MEDSEG_INFERENCE_URL", None)
     with open(log, "wb") as out:
         # Own process group: the CLI starts Streamlit as its child, and both must stop with the test.
@@ -189,3 +196,262 @@ def test_closing_the_tab_deletes_the_upload(server: str, browser, datasets_dir: 
     while any(p.exists() for p in staged):
         assert time.monotonic() < deadline, "the upload outlived its session by 3 minutes"
         time.sleep(2)
+
+
+# ------------------------------------------------------------------------------------ issue 16: safety, review loop
+
+
+def _open(browser, url: str, width: int = 1440, height: int = 900):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    page.get_by_text("Segment a scan").wait_for(timeout=60_000)
+    return page
+
+
+def _upload(page, *paths: Path) -> None:
+    page.get_by_test_id("stFileUploaderDropzoneInput").first.set_input_files([str(p) for p in paths])
+
+
+def _mask_download(page, label: str = "Mask (PNG)") -> np.ndarray:
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("button", name=label).click()
+    path = download.value.path()
+    with Image.open(path) as im:
+        return (np.asarray(im) > 0).astype(np.uint8)
+
+
+def _settle(page, seconds: float = 1.5) -> None:
+    """Wait until the script (or fragment) run that the last action started has finished."""
+    time.sleep(seconds)
+    page.wait_for_function(
+        "() => ['notRunning', 'initial'].includes("
+        "document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state'))",
+        timeout=300_000,
+    )
+    time.sleep(0.3)
+
+
+def _small_ct(tmp_path: Path, datasets_dir: Path) -> Path:
+    """The real CT, all 20 slices, cropped to 256 x 256 (a volume the nuclei model segments in seconds)."""
+    from medseg.io import Geometry, read_scan, write_scan
+
+    scan = read_scan(datasets_dir / "dicom_ct_series" / "images" / "ct.nii.gz")
+    scan.array = np.ascontiguousarray(scan.array[:, 128:384, 128:384])
+    scan.geometry = Geometry.identity(scan.array.shape)
+    return write_scan(scan, tmp_path / "small_ct.nii.gz")
+
+
+def test_mismatched_scan_needs_run_anyway_and_progress_moves(server: str, browser, datasets_dir: Path,
+                                                             tmp_path: Path, audit_log: Path) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = _open(browser, server)
+    _upload(page, _small_ct(tmp_path, datasets_dir))
+    refusal = page.get_by_test_id("stAlertContentError").filter(has_text="does not look like what the model")
+    refusal.wait_for(timeout=120_000)
+    assert "3D volume" in refusal.inner_text()
+    assert page.get_by_test_id("stTable").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "10_mismatch.png"))
+    runs_before = len(audit_log.read_text().splitlines()) if audit_log.exists() else 0
+    page.get_by_role("button", name="Run anyway").click()
+    seen: list[str] = []
+    deadline = time.monotonic() + 300
+    while page.get_by_test_id("stTable").count() == 0:
+        assert time.monotonic() < deadline, f"no result; progress seen: {seen}"
+        text = page.evaluate("() => document.querySelector('[data-testid=\"stProgress\"]')?.innerText || ''")
+        if text and (not seen or seen[-1] != text):
+            seen.append(text)
+        time.sleep(0.02)
+    percents = {int(m) for t in seen for m in re.findall(r"(\d+)%", t)}
+    assert len(percents - {0, 100}) >= 2, seen  # the bar moved (slice by slice), it did not sit at 0 %
+    assert any("elapsed" in t for t in seen), seen
+    warning = page.get_by_test_id("stAlertContentWarning").filter(has_text="Run anyway")
+    warning.wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "11_run_anyway.png"))
+    lines = audit_log.read_text().splitlines()
+    assert len(lines) == runs_before + 1 and '"run_anyway": true' in lines[-1]
+    page.close()
+
+
+def test_two_sessions_each_see_only_their_own_read_warnings(server: str, browser, datasets_dir: Path,
+                                                            tmp_path: Path) -> None:
+    from app_inputs import dicom_zip
+
+    zips = {}
+    for name, slices in (("first.zip", [0, 1, 2, 4]), ("second.zip", [5, 6, 8, 9])):
+        zips[name] = tmp_path / name
+        zips[name].write_bytes(dicom_zip(datasets_dir, slices))
+    pages = {name: _open(browser, server) for name in zips}
+    for name, page in pages.items():
+        _upload(page, zips[name])
+    boxes = {name: page.get_by_test_id("stCheckbox").filter(has_text="Segment this series anyway")
+             for name, page in pages.items()}
+    for box in boxes.values():
+        box.wait_for(timeout=120_000)
+    for box in boxes.values():  # both ticked at about the same time: both reads run at once
+        box.locator("label").click()
+    for name, page in pages.items():
+        other = next(n for n in zips if n != name)
+        note = page.get_by_test_id("stAlertContentWarning").filter(has_text="missing slices")
+        note.first.wait_for(timeout=120_000)
+        texts = " ".join(page.get_by_test_id("stAlertContentWarning").all_inner_texts())
+        assert name in texts and other not in texts, texts
+    for page in pages.values():
+        page.close()
+
+
+def test_twenty_mask_downloads_after_slider_moves_all_arrive(server: str, browser, datasets_dir: Path) -> None:
+    page = _open(browser, server)
+    _upload(page, datasets_dir / "dsb2018_nuclei" / "images" / IMAGE)
+    page.get_by_test_id("stTable").wait_for(timeout=300_000)
+    first = None
+    opacity = page.get_by_role("slider").first
+    for i in range(20):
+        opacity.focus()
+        opacity.press("ArrowLeft" if i % 2 else "ArrowRight")
+        mask = _mask_download(page)  # right after the move, as the issue's clinician did
+        first = mask if first is None else first
+        assert np.array_equal(mask, first), f"download {i + 1} differs"
+    page.close()
+
+
+def _editor_point(page, rows: int, cols: int, r: float, c: float) -> tuple[float, float]:
+    """Screen coordinates of slice pixel (r, c)'s centre on the editor's image."""
+    image = page.locator('[data-testid="medsegEditor"] img')
+    image.scroll_into_view_if_needed()  # a click on a control may have scrolled the image out of the viewport
+    box = image.bounding_box()
+    assert box is not None
+    return box["x"] + (c + 0.5) * box["width"] / cols, box["y"] + (r + 0.5) * box["height"] / rows
+
+
+def _drag(page, rows: int, cols: int, r: int, c0: int, c1: int) -> list[tuple[int, int]]:
+    x0, y = _editor_point(page, rows, cols, r, c0)
+    x1, _ = _editor_point(page, rows, cols, r, c1)
+    page.mouse.move(x0, y)
+    page.mouse.down()
+    page.mouse.move(x1, y, steps=12)
+    page.mouse.up()
+    _settle(page)
+    return [(c0, r), (c1, r)]
+
+
+def _tool(page, name: str) -> None:
+    page.get_by_test_id("stButtonGroup").get_by_text(name, exact=True).click()
+    _settle(page, 0.8)
+
+
+def _click(page, rows: int, cols: int, r: int, c: int, shift: bool = False) -> None:
+    x, y = _editor_point(page, rows, cols, r, c)
+    if shift:
+        page.keyboard.down("Shift")
+    page.mouse.click(x, y)
+    if shift:
+        page.keyboard.up("Shift")
+    _settle(page)
+
+
+def test_review_loop_edit_prompt_save_and_finetune(server: str, browser, datasets_dir: Path, trained_models: Path,
+                                                   review_dir: Path) -> None:
+    """Brush, eraser and undo change the mask exactly where drawn; a click prompt adds the region the model's
+    probabilities support and another removes a component; correct and accept write the review folder; a
+    fine-tune job produces a new version that the app then offers."""
+    from app import editing
+    from medseg.inference import Predictor
+    from medseg.io import read_scan
+    from medseg.review import read_reviews
+
+    image = datasets_dir / "dsb2018_nuclei" / "images" / IMAGE
+    page = _open(browser, server)
+    _upload(page, image)
+    page.get_by_test_id("stTable").wait_for(timeout=300_000)
+    model = _mask_download(page)
+    rows, cols = model.shape
+    page.get_by_text("Edit mask", exact=True).click()
+    page.locator('[data-testid="medsegEditor"] img').wait_for(timeout=60_000)
+    _settle(page)
+
+    # Brush (label nucleus, radius 4) along row 40, then the eraser along part of it, then undo the eraser.
+    brushed = editing.brush(model, _drag(page, rows, cols, 40, 20, 80), 4, 1)
+    assert np.array_equal(_mask_download(page), brushed)
+    _tool(page, "Eraser")
+    erased = editing.erase(brushed, _drag(page, rows, cols, 40, 40, 60), 4, 1)
+    after_erase = _mask_download(page)
+    page.screenshot(path=str(ARTIFACTS / "12_editing.png"))
+    assert (brushed != erased).sum() > 0
+    assert np.array_equal(after_erase, erased), (int((after_erase != erased).sum()), int((after_erase != brushed).sum()),
+                                                 np.argwhere(after_erase != erased)[:10].tolist())
+    page.get_by_role("button", name="Undo").click()
+    _settle(page)
+    assert np.array_equal(_mask_download(page), brushed)
+
+    # Click prompts: where the model half-saw a nucleus (probability below the mask's threshold), a click adds the
+    # region its probabilities support; a shift-click on a component removes it.
+    predictor = Predictor.from_bundle(trained_models / "demo-nuclei", device="cpu")
+    predictor.cfg.inference.tta = "none"
+    probs = predictor.predict_scan(read_scan(image)).probs[1]
+    candidates = np.where((brushed == 0) & (probs < 0.5), probs, 0)
+    r, c = np.unravel_index(int(np.argmax(candidates)), candidates.shape)
+    assert candidates[r, c] >= editing.PROMPT_MIN_PROBABILITY, "the trained model has no uncertain region to prompt"
+    _tool(page, "Click prompt")
+    _click(page, rows, cols, int(r), int(c))
+    prompted = editing.prompt_add(brushed, probs, int(c), int(r), 1)
+    assert np.array_equal(_mask_download(page), prompted) and prompted.sum() > brushed.sum()
+    fr, fc = np.argwhere(model > 0)[0]  # a component of the model's own mask, treated as a false positive
+    _click(page, rows, cols, int(fr), int(fc), shift=True)
+    removed = editing.prompt_remove(prompted, int(fc), int(fr))
+    assert np.array_equal(_mask_download(page), removed)
+    page.screenshot(path=str(ARTIFACTS / "13_prompts.png"))
+
+    # Save the correction; accept a second image as it is.
+    page.get_by_role("button", name="Save correction").click()
+    page.get_by_test_id("stAlertContentSuccess").filter(has_text="Saved as corrected").wait_for(timeout=60_000)
+    other = sorted((datasets_dir / "dsb2018_nuclei" / "images").glob("*.png"))[5]
+    page.close()
+    page = _open(browser, server)  # a second reviewer's session (one upload each: files add up in one uploader)
+    _upload(page, other)
+    page.get_by_test_id("stTable").wait_for(timeout=300_000)
+    _settle(page)
+    page.get_by_role("button", name="Accept").click()
+    page.get_by_test_id("stAlertContentSuccess").filter(has_text="Saved as accepted").wait_for(timeout=60_000)
+    reviews = read_reviews(review_dir)
+    assert [r.verdict for r in reviews][-2:] == ["corrected", "accepted"]
+    assert float(reviews[-2].dice_model_vs_final) < 1.0 and reviews[-1].who == "anonymous"
+    corrected = (np.asarray(Image.open(review_dir / reviews[-2].mask)) > 0).astype(np.uint8)
+    assert np.array_equal(corrected, removed)
+
+    # Fine-tune: the job runs in the background; the new version is then offered by the model picker.
+    page.get_by_role("button", name=re.compile(r"Fine-tune from \d+ reviewed cases")).click()
+    page.get_by_test_id("stAlertContentSuccess").filter(has_text="New version ready").wait_for(timeout=600_000)
+    page.screenshot(path=str(ARTIFACTS / "14_new_version.png"))
+    assert (trained_models / "demo-nuclei-v2" / "config.yaml").is_file()
+    versions = " ".join(page.get_by_test_id("stSidebar").get_by_test_id("stCaptionContainer").all_inner_texts())
+    assert "v2: demo-nuclei-v2" in versions, versions
+    page.close()
+
+
+@pytest.mark.parametrize("width", [1280, 820])
+def test_layout_does_not_clip_at_laptop_and_tablet_widths(server: str, browser, datasets_dir: Path,
+                                                          width: int) -> None:
+    page = _open(browser, server, width=width, height=900)
+    _upload(page, datasets_dir / "dsb2018_nuclei" / "images" / IMAGE)
+    page.get_by_test_id("stTable").wait_for(timeout=300_000)
+    _settle(page)
+    page.screenshot(path=str(ARTIFACTS / f"15_layout_{width}.png"), full_page=True)
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"{overflow} px clipped at {width} px"
+    for element in (page.get_by_test_id("stImage").locator("img"), page.get_by_test_id("stTable").first,
+                    page.get_by_role("button", name="Mask (PNG)")):
+        box = element.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width + 1, (element, box)
+    page.close()
+
+
+def test_a_refused_upload_says_why_in_the_page(server: str, browser, tmp_path: Path) -> None:
+    """Issue 16: the browser refused a wrong type (or a too large file) with a reason only in a tooltip."""
+    page = _open(browser, server)
+    wrong = tmp_path / "report.docx"
+    wrong.write_bytes(b"PK\x03\x04 not a scan")
+    _upload(page, wrong)
+    error = page.get_by_test_id("stAlertContentError").filter(has_text="report.docx")
+    error.wait_for(timeout=60_000)
+    assert "does not read that type" in error.inner_text()
+    page.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,30 @@ def test_label_names_and_colours_cannot_inject_markup() -> None:
     colours = display.legend_colors({0: {"name": "bg"}, 1: {"name": "a", "color": "red;position:fixed"},
                                      2: {"name": "b", "color": "#0f0"}})
     assert colours[2] == "#00ff00" and colours[1].startswith("#") and len(colours[1]) == 7
+
+
+def test_orientation_labels_follow_the_scan_direction(datasets_dir: Path) -> None:
+    """Issue 16: R/L/A/P/S/I on the edges of volume planes, from the scan's direction cosines."""
+    from medseg.io import read_scan
+
+    ct = read_scan(datasets_dir / "dicom_ct_series" / "dicom")  # a standard axial CT: identity direction (LPS)
+    assert display.orientation_labels(ct, Plane.axial) == {"right": "L", "left": "R", "bottom": "P", "top": "A"}
+    assert display.orientation_labels(ct, Plane.coronal) == {"right": "L", "left": "R", "bottom": "I", "top": "S"}
+    assert display.orientation_labels(ct, Plane.sagittal) == {"right": "P", "left": "A", "bottom": "I", "top": "S"}
+    flipped = dataclasses.replace(ct.geometry, direction=(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))  # RAS-stored
+    ct.geometry = flipped
+    assert display.orientation_labels(ct, Plane.axial) == {"right": "R", "left": "L", "bottom": "A", "top": "P"}
+    view = display.draw_orientation(np.zeros((200, 200, 3), np.uint8), {"top": "A"})
+    assert view[:30, 80:120].max() == 255 and view[100:].max() == 0  # the letter is drawn at the top edge only
+
+
+def test_truth_outline_has_a_dark_rim_on_bright_tissue_and_8bit_grey_gets_a_window() -> None:
+    image = np.full((10, 10), 250, np.uint8)  # bright tissue: a white line alone would vanish
+    truth = np.zeros((10, 10), np.uint8)
+    truth[3:7, 3:7] = 1
+    rgb = display.compose(image, None, {}, alpha=0.5, window=None, truth_outline=truth)
+    assert np.array_equal(rgb[3, 3], display.TRUTH_OUTLINE_RGB)
+    assert np.array_equal(rgb[2, 4], display.TRUTH_RIM_RGB)  # just outside the truth
+    from medseg.io import Geometry, Scan
+
+    assert display.has_intensity_window(Scan(image, Geometry.identity(image.shape)))  # 8-bit MRI, X-ray, EM

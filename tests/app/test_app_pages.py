@@ -174,8 +174,9 @@ def test_dicom_zip_with_two_series_asks_which_then_offers_dicom_seg(app_env: Pat
     assert not at.exception
     assert _runs(at) == 0  # nothing is segmented until a series is chosen
     picker = at.selectbox(key=next(k for k in _keys(at, "selectbox") if k.startswith("series_uid_")))
-    assert sorted(picker.options) == sorted(["'' (no SeriesInstanceUID): CT 'CT Body 3.0', 4 slices of 512x512",
-                                             f"{TWO_SERIES_UID}: CT 'CT Body copy', 3 slices of 512x512"])
+    # Issue 16: the picker leads with what a clinician recognises (description, slice count), not a 64-character UID.
+    assert sorted(picker.options) == sorted(["CT Body 3.0 · CT · 4 slices of 512×512",
+                                             f"CT Body copy · CT · 3 slices of 512×512 · series 2 · …{TWO_SERIES_UID[-8:]}"])
     picker.set_value(TWO_SERIES_UID).run()
     _assert_clean(at)
     assert _runs(at) == 1

@@ -114,8 +114,12 @@ def test_predictor_passes_and_progress() -> None:
     scan = Scan(np.random.default_rng(1).random((5, 30, 40), dtype=np.float32), Geometry.identity((5, 30, 40)))
     seen: list[float] = []
     predictor.predict_scan(scan, progress=seen.append)
-    # 5 slices in batches of 4 -> 2 batches × 2 members × 4 flips.
-    assert len(seen) == 16 and seen == sorted(seen) and seen[-1] == 1.0 and seen[0] > 0
+    # Issue 16: with a progress callback a small volume goes slice by slice (not in one batch of 4 that showed 0 %
+    # until the end): 5 slices × 2 members × 4 flips.
+    assert len(seen) == 40 and seen == sorted(seen) and seen[-1] == 1.0 and seen[0] > 0
+    # The same probabilities as without progress (batched as configured).
+    quiet = predictor.predict_scan(scan)
+    np.testing.assert_allclose(predictor.predict_scan(scan, progress=lambda f: None).probs, quiet.probs, atol=1e-6)
 
 
 def test_tta_is_chosen_per_call_and_never_changes_the_config() -> None:
@@ -160,7 +164,21 @@ def test_local_and_remote_predictors_share_one_interface() -> None:
     want = inspect.signature(ScanPredictor.predict_scan).parameters
     for cls in (Predictor, RemotePredictor):
         got = inspect.signature(cls.predict_scan).parameters
-        assert list(got) == list(want), cls
+        assert list(got)[: len(want)] == list(want), cls
         assert all(got[k].kind == want[k].kind and got[k].default == want[k].default for k in want), cls
+        # Anything a face adds (the service's run_anyway) is keyword-only with a default: callers of the
+        # protocol never need it.
+        extra = [got[k] for k in list(got)[len(want):]]
+        assert all(p.kind == p.KEYWORD_ONLY and p.default is not p.empty for p in extra), cls
     assert {"name", "weights_hash", "labels"} <= set(ScanPredictor.__annotations__)
     assert isinstance(ScanPredictor.__dict__["device"], property)
+
+
+def test_progress_moves_tile_by_tile_on_a_large_image() -> None:
+    """Issue 16: one 2D pass over many tiles reported nothing until it ended."""
+    cfg = tiny_config()  # 64 x 64 tiles, batch 4
+    predictor = Predictor([Pointwise()], cfg, device="cpu")
+    scan = Scan(np.random.default_rng(2).random((300, 300), dtype=np.float32), Geometry.identity((300, 300)))
+    seen: list[float] = []
+    predictor.predict_scan(scan, progress=seen.append)
+    assert len(seen) > 5 and seen == sorted(seen) and seen[-1] == 1.0 and 0 < seen[0] < 0.5

@@ -29,7 +29,8 @@ def test_remote_predictor_matches_in_process(service: str, predictor: Predictor,
             want = predictor.predict_scan(scan)
             assert isinstance(got, Prediction) and got.geometry == scan.geometry
             np.testing.assert_array_equal(got.mask, want.mask)
-            np.testing.assert_allclose(got.uncertainty, want.uncertainty, atol=1e-6)
+            # With a progress callback the service predicts slice by slice (issue 16), in-process batched: float noise.
+            np.testing.assert_allclose(got.uncertainty, want.uncertainty, atol=5e-5)
             # probs: one-hot of the mask (the service does not send probabilities)
             assert got.probs.shape == want.probs.shape and got.probs.dtype == np.float32
             np.testing.assert_array_equal(got.probs.argmax(0), got.mask)
