@@ -77,6 +77,15 @@ def _names(items: list[str], n: int = 3) -> str:
 def check_data(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport, label_map_planned: bool = False) -> None:
     """Rules over the dataset fingerprint (`medseg.planning.fingerprint`, the planner reads the same one): labels,
     balance, intensities and sizes. ``label_map_planned``: the label map was inferred from the masks."""
+    _check_cases(cfg, fp, report)
+    unmapped = _check_label_map(cfg, fp, report, label_map_planned)
+    _check_balance(cfg, fp, report, unmapped)
+    _check_intensities(fp, report, cfg.data.intensity)
+    _check_sizes(cfg, fp, report)
+
+
+def _check_cases(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport) -> None:
+    """How many cases were found and checked; which cannot be read or have masks of the wrong shape."""
     d = cfg.data
     root = d.root or d.datalist
     report.add("data_found", "ok", f"{fp.n_cases} image/mask pairs found in {root}"
@@ -87,6 +96,11 @@ def check_data(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport, lab
         report.add("unreadable", "error", f"{len(unreadable)} case(s) cannot be read: {_names(unreadable, 2)}")
     if shape:
         report.add("mask_shape_mismatch", "error", f"{len(shape)} mask(s) differ in shape from their image: {_names(shape)}")
+
+
+def _check_label_map(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport, label_map_planned: bool) -> dict[int, list[str]]:
+    """Mask values the label map does not cover (an error naming them and a map that would); returns them."""
+    d = cfg.data
     labelled = [c for c in fp.cases if c.has_mask]
     unmapped: dict[int, list[str]] = {}
     for c in labelled:
@@ -104,6 +118,13 @@ def check_data(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport, lab
     elif label_map_planned:
         report.add("label_map_inferred", "info", f"data.label_map {dict(sorted(d.label_map.items()))} inferred from the "
                    "mask values (set it in the config to choose another)")
+    return unmapped
+
+
+def _check_balance(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport, unmapped: dict[int, list[str]]) -> None:
+    """Class shares over all pixels (absent and rare classes) and masks without foreground."""
+    d = cfg.data
+    labelled = [c for c in fp.cases if c.has_mask]
     class_pixels: dict[int, int] = {}
     for c in labelled:
         for v, n in c.mask_values.items():
@@ -127,6 +148,10 @@ def check_data(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport, lab
         report.add("empty_masks", "warning" if share > 0.2 else "info",
                    f"{len(empty)} mask(s) have no foreground ({_names(empty)}): fine if intended (negatives), "
                    "otherwise a wrong label map or an export error")
+
+
+def _check_intensities(fp: Fingerprint, report: DoctorReport, intensity: str) -> None:
+    """Constant images, the intensity range and scheme, maxima that suggest mixed bit depths or modalities."""
     stats = [(c, c.intensity) for c in fp.cases if c.intensity is not None]
     constant = [c.id for c, i in stats if i.max <= i.min]
     if constant:
@@ -135,11 +160,16 @@ def check_data(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport, lab
         lows, highs = np.array([i.min for _, i in stats]), np.array([i.max for _, i in stats])
         dtypes = sorted({c.dtype for c in fp.cases})
         report.add("intensity", "info", f"intensities {lows.min():g}..{highs.max():g} (dtypes {dtypes}, channels "
-                   f"{sorted(fp.channels)}, modality {fp.modality or 'unknown'}); normalised with '{d.intensity}' to [0, 1]")
+                   f"{sorted(fp.channels)}, modality {fp.modality or 'unknown'}); normalised with '{intensity}' to [0, 1]")
         med = float(np.median(highs))
         if med > 0 and (highs.max() > 20 * med or highs.min() < med / 20):
             report.add("intensity_outliers", "warning", f"image maxima range from {highs.min():g} to {highs.max():g} "
                        f"(median {med:g}): mixed bit depths or modalities?")
+
+
+def _check_sizes(cfg: ExperimentConfig, fp: Fingerprint, report: DoctorReport) -> None:
+    """The size range, cases far from the median size, and mixed spacings without resampling."""
+    d = cfg.data
     areas = np.array([float(np.prod(c.shape)) for c in fp.cases])
     med_area = float(np.median(areas))
     summary = fp.summary()

@@ -56,6 +56,10 @@ class SegModule(L.LightningModule):
         self._compile_failed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Every pass in the memory format the model is in (validation, Lightning's SWA BatchNorm pass): mixed
+        # formats would make oneDNN reorder each input, and statistics differ from training by rounding.
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def _net(self, x: torch.Tensor):

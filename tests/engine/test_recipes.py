@@ -62,7 +62,10 @@ def test_snapshot_ensemble_has_one_member_per_completed_sgdr_cycle(tiny_cfg, tmp
 def test_swa_member_has_batchnorm_statistics_recomputed_for_the_averaged_weights(tiny_cfg, tmp_path: Path) -> None:
     # One batch per epoch (4 of the 6 training crops, 64x64 = the patch: no randomness in the pixels), so a
     # recompute over the train loader sees exactly what Lightning's BatchNorm pass saw.
-    cfg = tiny_cfg("train.epochs=3", "train.swa=true", "train.swa_start_epoch=0.34", "train.samples_per_epoch=4")
+    # NCHW here: channels-last convolutions are not bitwise reproducible across oneDNN's algorithm choices (the
+    # recompute then agrees only to ~5e-5 relative), and this test checks the statistics to 1e-5.
+    cfg = tiny_cfg("train.epochs=3", "train.swa=true", "train.swa_start_epoch=0.34", "train.samples_per_epoch=4",
+                   "train.channels_last=false")
     capture = _Capture(epoch=2)  # the last regular epoch; epoch 3 is Lightning's BatchNorm pass
     result = train(cfg, tmp_path, progress=False, extra_callbacks=[capture, _NoDropPath()])
     assert result.members == ["swa"]
