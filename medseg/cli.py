@@ -511,19 +511,23 @@ def robustness(
     split: Annotated[str, typer.Option(help="val | train | all")] = "val",
     limit_cases: Annotated[int | None, typer.Option(help="Score only the first N cases of the split")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: BUNDLE/../robustness)")] = None,
-    attacks: Annotated[bool, typer.Option(help="Also run FGSM and PGD")] = True,
+    eps: Annotated[list[float] | None, typer.Option(help="FGSM/PGD L-inf radius on the [0, 1] input, repeatable "
+                                                       "(default 1, 2, 4, 8 /255); --no-attacks skips them")] = None,
+    attacks: Annotated[bool, typer.Option(help="Run FGSM and PGD")] = True,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Dice under graded corruptions and FGSM/PGD attacks; prints a table, writes robustness.png/.json/.csv."""
     from medseg.bundle import load_bundle
     from medseg.engine.evaluate import bundle_cases
-    from medseg.engine.robustness import plot_rows, robustness_rows, write_rows
+    from medseg.engine.robustness import ATTACK_EPS, plot_rows, robustness_rows, write_rows
     from medseg.inference import Predictor
 
     try:
         loaded = load_bundle(bundle)
         cases = bundle_cases(loaded.config, loaded.path, data, split)[:limit_cases]
-        rows = robustness_rows(Predictor.from_bundle(loaded, device=device), cases, loaded.config, attacks=attacks)
+        eps_levels = (tuple(eps) if eps else ATTACK_EPS) if attacks else ()
+        rows = robustness_rows(Predictor.from_bundle(loaded, device=device), cases, loaded.config,
+                               eps_levels=eps_levels)
     except MedsegError as e:
         _fail(e)
         return

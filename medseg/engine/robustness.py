@@ -283,17 +283,18 @@ def attack_rows(predictor: Any, cases: Sequence[Case], cfg: ExperimentConfig,
     return rows
 
 
-def robustness_rows(predictor: Any, cases: Sequence[Case], cfg: ExperimentConfig, *, attacks: bool = True,
-                    seed: int = 0) -> list[dict[str, Any]]:
-    """The clean row (severity 0), every corruption row and (with ``attacks``) every attack row."""
+def robustness_rows(predictor: Any, cases: Sequence[Case], cfg: ExperimentConfig, *,
+                    eps_levels: Sequence[float] = ATTACK_EPS, seed: int = 0) -> list[dict[str, Any]]:
+    """The clean row (severity 0), every corruption row and an attack row per attack and eps (none when
+    ``eps_levels`` is empty)."""
     clean = evaluate_cases(predictor, cases, cfg, hd95=False)
     if not clean.rows:
         raise DatasetError(f"no case could be scored: {clean.failed[0] if clean.failed else 'no cases'}")
     rows = [{"corruption": "clean", "severity": 0, "param": 0.0, "dice": clean.mean_dice, "n_cases": clean.n_cases}]
     with tempfile.TemporaryDirectory(prefix="medseg-robustness-") as scratch:
         rows += corruption_rows(predictor, cases, cfg, Path(scratch), seed=seed)
-    if attacks:
-        rows += attack_rows(predictor, cases, cfg)
+    if eps_levels:
+        rows += attack_rows(predictor, cases, cfg, eps_levels)
     return rows
 
 
@@ -323,7 +324,8 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Pa
         pts = [(0, clean)] + [(r["severity"], r["dice"]) for r in rows if r["corruption"] == name]
         style = "--" if name in ATTACKS else "-"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
-    ax.set_xlabel("severity (0 = clean; attacks: eps = 1, 2, 4, 8 / 255)")
+    eps = ", ".join(f"{r['param'] * 255:g}" for r in rows if r["corruption"] == "fgsm")
+    ax.set_xlabel(f"severity (0 = clean; attacks: eps = {eps} / 255)" if eps else "severity (0 = clean)")
     ax.set_ylabel("mean foreground Dice")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
