@@ -60,7 +60,7 @@ def main() -> None:
         _, val = split_cases(cfg, load_cases(cfg), out)
         val = val[: args.eval_cases] if args.eval_cases else val
         predictor = Predictor.from_bundle(result.bundle)
-        dice, aji, f1, merged, n_gt = [], [], [], 0.0, 0.0
+        dice, aji, pq, f1, merged, n_gt = [], [], [], [], 0.0, 0.0
         for case in val:
             scan = read_scan(case.image)
             pred = predictor.predict_scan(scan).mask
@@ -69,20 +69,22 @@ def main() -> None:
             dice.append(per_label_metrics(pred, target, 2, hd95=False)[1]["dice"])
             om = object_metrics(pred, inst)
             aji.append(om["aji"])
+            pq.append(om["pq"])
             f1.append(om["f1"])
             merged += om["merged"]
             n_gt += om["n_gt"]
-        rows.append({"variant": name, "dice": float(np.mean(dice)), "aji": float(np.mean(aji)), "f1": float(np.mean(f1)),
+        rows.append({"variant": name, "dice": float(np.mean(dice)), "aji": float(np.mean(aji)), "pq": float(np.mean(pq)),
+                     "f1": float(np.mean(f1)),
                      "merged": int(merged), "nuclei": int(n_gt), "cases": len(val), "train_min": round(minutes, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\nDSB2018 val split, {rows[0]['cases']} images, {rows[0]['nuclei']} nuclei; {args.epochs} epochs × {args.samples} crops each")
-    print("| variant | Dice | AJI | object F1 (IoU>0.5) | fused components | train time |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | Dice | AJI | PQ | object F1 (IoU>0.5) | fused components | train time |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['dice']:.3f} | {r['aji']:.3f} | {r['f1']:.3f} | {r['merged']} | {r['train_min']} min |")
+        print(f"| {r['variant']} | {r['dice']:.3f} | {r['aji']:.3f} | {r['pq']:.3f} | {r['f1']:.3f} | {r['merged']} | {r['train_min']} min |")
 
 
 if __name__ == "__main__":

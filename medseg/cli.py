@@ -569,6 +569,46 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command()
+def robustness(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle")],
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (default: the one the bundle was trained on)")] = None,
+    split: Annotated[str, typer.Option(help="val | train | all")] = "val",
+    limit_cases: Annotated[int | None, typer.Option(help="Score only the first N cases of the split")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: BUNDLE/../robustness)")] = None,
+    eps: Annotated[list[float] | None, typer.Option(help="FGSM/PGD L-inf radius on the [0, 1] input, repeatable "
+                                                       "(default 1, 2, 4, 8 /255); --no-attacks skips them")] = None,
+    attacks: Annotated[bool, typer.Option(help="Run FGSM and PGD")] = True,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Dice under graded corruptions and FGSM/PGD attacks; prints a table, writes robustness.png/.json/.csv."""
+    from medseg.bundle import load_bundle
+    from medseg.engine.evaluate import bundle_cases
+    from medseg.engine.robustness import ATTACK_EPS, plot_rows, robustness_rows, write_rows
+    from medseg.inference import Predictor
+
+    try:
+        loaded = load_bundle(bundle)
+        cases = bundle_cases(loaded.config, loaded.path, data, split)[:limit_cases]
+        eps_levels = (tuple(eps) if eps else ATTACK_EPS) if attacks else ()
+        rows = robustness_rows(Predictor.from_bundle(loaded, device=device), cases, loaded.config,
+                               eps_levels=eps_levels)
+    except MedsegError as e:
+        _fail(e)
+        return
+    table = Table(title=f"{Path(bundle).name}: {split} split, {rows[0]['n_cases']} cases")
+    for col in ("corruption", "severity", "param", "dice", "Δ vs clean"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["corruption"], str(r["severity"]), f"{r['param']:.4g}", f"{r['dice']:.4f}",
+                      f"{r['dice'] - rows[0]['dice']:+.4f}")
+    Console().print(table)
+    out = out or Path(bundle).parent / "robustness"
+    json_path, csv_path = write_rows(rows, out)
+    plot = plot_rows(rows, out / "robustness.png", title=f"{Path(bundle).name}: Dice under corruption")
+    console.print(f"written {plot}, {json_path}, {csv_path}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

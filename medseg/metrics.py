@@ -61,7 +61,8 @@ def object_metrics(pred_mask: np.ndarray, gt_instances: np.ndarray, iou_match: f
     """Object-level separation of touching structures (e.g. nuclei), from the connected components of a
     binary prediction against a ground-truth instance map (0 = background, k = object k).
 
-    Returns ``aji`` (Aggregated Jaccard Index, Kumar et al. 2017), ``merged`` (predicted components that cover
+    Returns ``aji`` (Aggregated Jaccard Index, Kumar et al. 2017), ``pq`` (Panoptic Quality, Kirillov et al.
+    2019, MONAI's `PanopticQualityMetric`: SQ × RQ at IoU > 0.5), ``merged`` (predicted components that cover
     ≥ 50% of two or more GT objects each — touching objects fused), ``f1`` of objects matched at IoU >
     ``iou_match``, and the object counts.
     """
@@ -97,8 +98,27 @@ def object_metrics(pred_mask: np.ndarray, gt_instances: np.ndarray, iou_match: f
     recall = matched / len(gt_ids) if gt_ids else 0.0
     return {
         "aji": float(inter_total / union_total) if union_total else 1.0,
+        "pq": panoptic_quality(pred, gt),
         "merged": float(merged),
         "f1": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
         "n_pred": float(n_pred),
         "n_gt": float(len(gt_ids)),
     }
+
+
+def panoptic_quality(pred_instances: np.ndarray, gt_instances: np.ndarray) -> float:
+    """Panoptic Quality of one class of objects from two instance maps (0 = background): MONAI's
+    `PanopticQualityMetric`, which takes (instance map, class map) channel pairs. 1.0 when both are empty."""
+    import torch
+    from monai.metrics import PanopticQualityMetric
+
+    pred, gt = np.asarray(pred_instances).astype(np.int64), np.asarray(gt_instances).astype(np.int64)
+    if not pred.any() and not gt.any():
+        return 1.0
+
+    def panoptic(instances: np.ndarray) -> torch.Tensor:  # (1, 2, *spatial): instance ids, class map
+        return torch.from_numpy(np.stack([instances, (instances > 0).astype(np.int64)]))[None]
+
+    metric = PanopticQualityMetric(num_classes=1, metric_name="pq")
+    metric(panoptic(pred), panoptic(gt))
+    return float(metric.aggregate().reshape(-1)[0])

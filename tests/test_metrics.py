@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.metrics import object_metrics, per_label_metrics
+from medseg.metrics import object_metrics, panoptic_quality, per_label_metrics
 
 
 def test_per_label_dice_iou_hd95_hand_computed() -> None:
@@ -44,3 +44,18 @@ def test_object_metrics_separated_vs_merged() -> None:
     assert object_metrics(gt > 0, gt)["aji"] == pytest.approx(150 / 300)  # one component vs 2 objects
     perfect = object_metrics(separated, np.where(separated, gt, 0))
     assert perfect["aji"] == pytest.approx(1.0)
+
+
+def test_panoptic_quality_matches_hand_computation() -> None:
+    # GT: two 10x10 objects. Prediction: one component over 8 of the 10 columns of the first (IoU 80/100 = 0.8,
+    # a match), nothing on the second (FN) and a stray 4x4 blob (FP). SQ = 0.8, RQ = 1 / (1 + 0.5 + 0.5) = 0.5.
+    gt = np.zeros((40, 40), np.int32)
+    gt[0:10, 0:10] = 1
+    gt[20:30, 20:30] = 2
+    pred = np.zeros((40, 40), bool)
+    pred[0:10, 0:8] = True
+    pred[32:36, 0:4] = True
+    metrics = object_metrics(pred, gt)
+    assert metrics["pq"] == pytest.approx(0.8 * 0.5, abs=1e-5)
+    assert object_metrics(gt > 0, gt)["pq"] == pytest.approx(1.0, abs=1e-5)
+    assert panoptic_quality(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
