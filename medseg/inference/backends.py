@@ -61,6 +61,18 @@ def padded_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
+def export_graph(module: nn.Module, example: torch.Tensor, out: str | io.BytesIO, output: str, opset: int = 17) -> None:
+    """``module`` as an ONNX graph ``image (B, C, H, W) -> output`` with dynamic batch, height and width.
+
+    The TorchScript exporter needs no extra packages (the dynamo one needs onnxscript) and handles the dynamic
+    H/W of these convolutional graphs. Used by the ``onnxruntime`` backend (in memory) and `export_onnx` (file)."""
+    dims = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(module, (example,), out, dynamo=False, input_names=["image"], output_names=[output],
+                          dynamic_axes={"image": dims, output: dims}, opset_version=opset)
+
+
 def member_runner(model: nn.Module, backend: Backend | str, device: torch.device) -> Runner:
     """A function running ``model`` (eval mode, on ``device``) with ``backend`` (not ``auto``: resolve first)."""
     backend = Backend(backend)
@@ -122,11 +134,7 @@ def _onnx_runner(model: nn.Module, device: torch.device) -> Runner:
 
     example = torch.rand(1, int(getattr(model, "in_channels", 3)), 2 * stride, 3 * stride)
     buffer = io.BytesIO()
-    dims = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(Padded().eval(), (example,), buffer, dynamo=False, input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": dims, "logits": dims}, opset_version=17)
+    export_graph(Padded().eval(), example, buffer, "logits")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1

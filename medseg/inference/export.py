@@ -12,7 +12,6 @@ stride, tile size and the weights hash.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from medseg.bundle import RESEARCH_NOTICE, load_bundle
 from medseg.errors import BundleError
-from medseg.inference.backends import padded_logits
+from medseg.inference.backends import export_graph, padded_logits
 from medseg.inference.predictor import build_member
 
 
@@ -55,16 +54,8 @@ def export_onnx(bundle_path: str | Path, out: str | Path, opset: int = 17) -> Pa
     example = torch.rand(1, cfg.data.input_channels, 2 * stride, 3 * stride)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    dims = {0: "batch", 2: "height", 3: "width"}
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            # The TorchScript exporter needs no extra packages (the dynamo one needs onnxscript) and handles
-            # the dynamic H/W of this convolutional graph.
-            torch.onnx.export(
-                wrapper, (example,), str(out), dynamo=False, input_names=["image"], output_names=["probabilities"],
-                dynamic_axes={"image": dims, "probabilities": dims}, opset_version=opset,
-            )
+        export_graph(wrapper, example, str(out), "probabilities", opset)
     except Exception as e:  # report which bundle failed, not an exporter traceback
         raise BundleError(f"{Path(bundle_path).name}: ONNX export failed ({type(e).__name__}: {e})") from None
     sidecar: dict[str, Any] = {
