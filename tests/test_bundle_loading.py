@@ -51,27 +51,34 @@ def test_hex_colours_load_and_named_config_colours_are_saved_as_hex(tmp_path: Pa
 
 # ------------------------------------------------------------------------ permissions and clear errors
 
-def _load_without_file_permissions_override(path: Path) -> subprocess.CompletedProcess:
-    """``load_bundle(path)`` in a child that file permissions apply to (as root: without CAP_DAC_OVERRIDE)."""
+def _load_without_file_permissions_override(paths: list[Path]) -> list[str]:
+    """``load_bundle(path)`` for each path, in one child that file permissions apply to (as root: without
+    CAP_DAC_OVERRIDE); one line per path: the BundleError's message, or ``loaded``."""
     code = ("import sys\nfrom medseg.bundle import load_bundle\nfrom medseg.errors import BundleError\n"
-            "try:\n    load_bundle(sys.argv[1])\nexcept BundleError as e:\n    print(e)\n    sys.exit(3)\n")
+            "for path in sys.argv[1:]:\n    try:\n        load_bundle(path)\n        print('loaded')\n"
+            "    except BundleError as e:\n        print(e)\n")
     prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
-    return subprocess.run([*prefix, sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    result = subprocess.run([*prefix, sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]  # every failure a BundleError, not a traceback
+    return result.stdout.splitlines()
 
 
-@pytest.mark.parametrize("target", [".", "weights", "weights/model.safetensors", "labels.json", "config.yaml"])
-def test_unreadable_bundle_parts_get_a_permission_message(target: str, tmp_path: Path) -> None:
-    path = _save(tmp_path / "b")
-    (path / target).chmod(0)
+def test_unreadable_bundle_parts_get_a_permission_message(tmp_path: Path) -> None:
+    targets = [".", "weights", "weights/model.safetensors", "labels.json", "config.yaml"]
+    paths = [_save(tmp_path / f"b{i}") for i in range(len(targets))]  # one bundle per unreadable part
+    for path, target in zip(paths, targets, strict=True):
+        (path / target).chmod(0)
     try:
-        result = _load_without_file_permissions_override(path)
+        lines = _load_without_file_permissions_override(paths)
     finally:
-        (path / target).chmod(0o755 if (path / target).is_dir() else 0o644)
-    assert result.returncode == 3, (result.stdout, result.stderr[-2000:])  # a BundleError, not a traceback
-    shown = "b" if target == "." else f"b/{target}"
-    assert result.stdout.strip() == (f"{shown}: cannot read it (permission denied); the user running medseg needs "
-                                     "read access to the whole bundle"), result.stdout
+        for path, target in zip(paths, targets, strict=True):
+            (path / target).chmod(0o755 if (path / target).is_dir() else 0o644)
+    assert len(lines) == len(targets), lines
+    for i, (target, line) in enumerate(zip(targets, lines, strict=True)):
+        shown = f"b{i}" if target == "." else f"b{i}/{target}"
+        assert line == (f"{shown}: cannot read it (permission denied); the user running medseg needs "
+                        "read access to the whole bundle"), (target, line)
 
 
 def test_weights_that_do_not_fit_the_network_are_a_bundle_error(tmp_path: Path) -> None:

@@ -131,7 +131,7 @@ def _poison_mask_values(victim: Path) -> None:
 
 
 def test_mask_values_not_in_label_map(tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "d", 12)
+    data = _dataset(tmp_path / "d", 6)
     victim = sorted((data / "masks").iterdir())[1]
     _poison_mask_values(victim)
     out = _train_leaving_out(tmp_path, data)
@@ -151,7 +151,7 @@ def test_many_bad_masks_stop_the_run(tmp_path: Path) -> None:
 
 
 def test_mask_shape_mismatch(tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "d", 12)
+    data = _dataset(tmp_path / "d", 6)
     victim = sorted((data / "masks").iterdir())[0]
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((10, 12), np.uint8)), str(victim))
     out = _train_leaving_out(tmp_path, data)
@@ -168,7 +168,7 @@ def test_image_without_mask_and_empty_dataset(tmp_path: Path) -> None:
 
 
 def test_corrupt_image_in_training_data(tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "d", 12)
+    data = _dataset(tmp_path / "d", 6)
     victim = sorted((data / "images").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:100])
     assert victim.name in _train_leaving_out(tmp_path, data)

@@ -48,6 +48,7 @@ def _check_mask(out: Path, versions: list[np.ndarray], any_write_done: bool) -> 
     assert expand_inputs([out]) == [target]
 
 
+@pytest.mark.slow  # a campaign of random-moment kills (.ci/run); the exact-point kills below stay fast
 def test_mask_writes_killed_at_random_moments_leave_a_whole_mask(tmp_path: Path) -> None:
     versions = crash_child.versions_mask((24, 256, 256))
     rng = random.Random(1)
@@ -102,6 +103,7 @@ def _bundle_version(path: Path) -> int:
     return version
 
 
+@pytest.mark.slow  # a campaign of random-moment kills (.ci/run); the exact-point kills below stay fast
 def test_bundle_saves_killed_at_random_moments_leave_a_whole_bundle(tmp_path: Path) -> None:
     rng = random.Random(2)
     any_done = False
