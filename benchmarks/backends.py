@@ -80,10 +80,10 @@ def backend_rows(bundle_2d: Path, bundle_ct: Path, backends: list[str], repeats:
         diff = float(np.abs(probs - reference).max())
         per_image = median_time(lambda p=p2: p.predict_probs(image), repeats)
         pct = Predictor.from_bundle(bundle_ct, device="cpu", backend=backend)
-        batch = pct.cfg.inference.batch_size
-        volume = torch.from_numpy(rng.random((pct.cfg.data.channels, batch, 512, 512), dtype=np.float32))
+        batch = pct.inference.batch_size  # slices per network call (the device's default when unset)
+        volume = torch.from_numpy(rng.random((pct.cfg.data.channels, 8, 512, 512), dtype=np.float32))
         pct.predict_probs(volume)  # warm-up for the volume shapes
-        per_slice = median_time(lambda p=pct, v=volume: p.predict_probs(v), repeats) / batch
+        per_slice = median_time(lambda p=pct, v=volume: p.predict_probs(v), repeats) / 8
         row = {"backend": backend, "setup_s": round(setup, 1), "ms_per_image_512": round(1000 * per_image),
                "ms_per_slice_512_batch": round(1000 * per_slice), "batch": batch, "max_abs_dprob": diff}
         print(json.dumps(row), flush=True)

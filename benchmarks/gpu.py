@@ -83,7 +83,7 @@ def ct_row(device: torch.device, work: Path, repeat: int, slice_batch: int) -> d
     bundle = make_bundle(work / "bct", ct=True)
     series = make_ct_series(work / "series", repeat)
     predictor = Predictor.from_bundle(bundle, device=str(device))
-    predictor.cfg.inference.batch_size = slice_batch  # slice batches sized to the GPU (a benchmark-only setting)
+    predictor.inference.batch_size = slice_batch  # slice batches sized to the GPU (a benchmark-only setting)
     warm = torch.rand(predictor.cfg.data.channels, 4, 512, 512)
     predictor.predict_image(warm, tta="flips")  # cuDNN autotuning and allocator warm-up outside the timed run
     sync(device)

@@ -79,7 +79,7 @@ def speed_tables(
 ) -> None:
     rng = np.random.default_rng(0)
     useful = useful_flops(predictor)
-    tile = tuple(predictor.cfg.inference.tile_size)
+    tile = tuple(predictor.inference.tile_size)
     rows = []
     # Warm-up: oneDNN creates its convolution primitives on first use of each shape (seconds on this CPU).
     predictor.predict_image(torch.rand(predictor.cfg.data.input_channels, 512, 512))
@@ -87,9 +87,9 @@ def speed_tables(
     if whole_tile and whole_tile != tile[0]:
         settings.append(("none", batches[0], (whole_tile, whole_tile)))
     for mode, batch, tile_size in settings:
-        predictor.cfg.inference.tile_size = tile_size
+        predictor.inference.tile_size = tile_size
         if batch > 1:  # slices per model call; a single image keeps the bundle's batch of tiles
-            predictor.cfg.inference.batch_size = batch
+            predictor.inference.batch_size = batch
         if batch == 1:  # one 2D image, (input channels, H, W)
             image = torch.from_numpy(rng.random((predictor.cfg.data.input_channels, 512, 512), dtype=np.float32))
         else:  # a batch of slices: the 2.5D volume path, batch_size slices per model call
@@ -101,8 +101,8 @@ def speed_tables(
                      flops / batch / 1e9, flops / seconds / 1e9, flops / seconds / peak,
                      useful * batch / seconds / peak, tile_size))
         print(f"  measured tta={mode} batch={batch} tile={tile_size}: {seconds:.2f} s per call", flush=True)
-    predictor.cfg.inference.tile_size = tile
-    print(f"\n## Latency and throughput, 512×512 slices (overlap {predictor.cfg.inference.overlap}; "
+    predictor.inference.tile_size = tile
+    print(f"\n## Latency and throughput, 512×512 slices (overlap {predictor.inference.overlap}; "
           f"an untiled pass is {useful / 1e9:.1f} GFLOP)\n")
     print("| TTA | batch | tile | passes | ms / slice | slices / s | GFLOP / slice executed | GFLOP/s | efficiency "
           "| useful efficiency |")
@@ -308,7 +308,7 @@ def main() -> None:
     if "speed" not in skip:
         predictor = Predictor.from_bundle(args.bundle[0], device="cpu", backend=args.backend)
         if args.tile:
-            predictor.cfg.inference.tile_size = (args.tile, args.tile)
+            predictor.inference.tile_size = (args.tile, args.tile)
         speed_tables(predictor, args.modes.split(","), [int(b) for b in args.batches.split(",")], args.repeats, peak,
                      args.whole_tile)
     if "memory" not in skip:

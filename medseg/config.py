@@ -206,7 +206,8 @@ class InferenceConfig(_Section):
     blend: Literal["gaussian", "constant"] = "gaussian"
     padding_mode: Literal["reflect", "constant"] = "reflect"
     tta: TTAMode = TTAMode.none  # the bundle's default; every prediction call may choose another
-    batch_size: int = 8
+    # Images (2.5D slices or tiles) per network call; None: per device (`call_batch`).
+    batch_size: int | None = None
     threshold: float | None = None  # binary tasks: foreground prob threshold; None -> argmax
     keep_largest: bool = False
     fill_holes: bool = False
@@ -215,6 +216,14 @@ class InferenceConfig(_Section):
     # What executes the network (medseg.inference.backends): torch (eager), compile (torch.compile: faster
     # passes, a compile per new tile shape), onnxruntime, or auto (the fastest measured for the device).
     backend: Literal["auto", "torch", "compile", "onnxruntime"] = "auto"
+
+    def call_batch(self, device_type: str = "cpu") -> int:
+        """Images per network call: ``batch_size`` when set; else 2 on a CPU (measured, benchmarks/backends.py:
+        a 512² 2.5D slice took 151 ms in batches of 2 vs 174 ms in batches of 8 with torch, the same with ONNX
+        Runtime, and batches of 8 held 0.9-1.3 GB more activations) and 8 on a GPU, which needs the parallelism."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 2 if device_type == "cpu" else 8
 
     @model_validator(mode="before")
     @classmethod

@@ -138,7 +138,8 @@ class SegModule(L.LightningModule):
         one) on the un-augmented case, so the curves compare like with like; a volume's slices are its batch,
         as in training. With deep supervision the training loss averages the heads while validation scores the
         inference head (``model.inference_head``), the one the bundle predicts with."""
-        logits = predict_logits_case(self.model, case["image"].to(self.device), self.cfg.data.context_slices, self.cfg.inference)
+        icfg = self.cfg.inference.model_copy(update={"batch_size": self.cfg.inference.call_batch(self.device.type)})
+        logits = predict_logits_case(self.model, case["image"].to(self.device), self.cfg.data.context_slices, icfg)
         logits = logits.to(self.device)
         label = case["label"].to(self.device).long()
         weight = case.get("weight")

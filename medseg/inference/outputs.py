@@ -24,7 +24,6 @@ from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -37,7 +36,6 @@ from medseg.io.volume import WRITABLE_VOLUME_SUFFIXES, write_volume
 from medseg.io.writers import atomic_path
 
 _VOLUME_FORMATS = ("nifti", "dicom", "nrrd", "metaimage")
-NIFTI_DESCRIP_BYTES = 80  # the NIfTI-1 header's descrip field
 
 
 class MaskValues(StrEnum):
@@ -100,19 +98,8 @@ def write_mask_file(
     path = Path(path)
     values = MaskValues(values)
     data = mask_values(mask, label_map, values)
-    with atomic_path(path) as tmp:
-        write_mask(data, scan, tmp)
-        if full_suffix(path) == ".png":
-            with Image.open(tmp) as im:
-                im.load()
-            kwargs = {"dpi": im.info["dpi"]} if "dpi" in im.info else {}  # keeps the pixel size (pHYs)
-            what = "label values" if values == MaskValues.raw else "class indices"
-            im.save(tmp, format="PNG", pnginfo=png_info(model, f"segmentation mask ({what})"), **kwargs)
-        elif full_suffix(path) in (".nii.gz", ".nii"):
-            image = sitk.ReadImage(str(tmp))
-            # SimpleITK maps ITK_FileNotes to the NIfTI descrip field (80 bytes).
-            image.SetMetaData("ITK_FileNotes", RESEARCH_NOTICE.encode()[:NIFTI_DESCRIP_BYTES].decode(errors="ignore"))
-            sitk.WriteImage(image, str(tmp), useCompression=True)
+    what = "label values" if values == MaskValues.raw else "class indices"
+    write_mask(data, scan, path, pnginfo=png_info(model, f"segmentation mask ({what})"), notes=RESEARCH_NOTICE)
     return path
 
 

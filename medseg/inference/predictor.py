@@ -50,7 +50,7 @@ def expected_tile_calls(shape: tuple[int, int], images: int, cfg: Any) -> int:
         roi = min(tile, padded)
         step = max(1, int(roi * (1 - cfg.overlap)))
         windows *= 1 if padded <= roi else -(-(padded - roi) // step) + 1
-    sw_batch = max(1, cfg.batch_size // max(1, images))
+    sw_batch = max(1, cfg.call_batch() // max(1, images))
     return -(-windows * images // sw_batch)
 
 
@@ -101,6 +101,10 @@ class Predictor:
         # NHWC: oneDNN's CPU convolutions ran 2x faster in it here, and cuDNN's are fastest in it under autocast.
         self.members = [m.to(self.device).eval().to(memory_format=torch.channels_last) for m in members]
         self.cfg = cfg
+        # What prediction runs with: the config's inference section with the per-device call batch settled
+        # (InferenceConfig.call_batch); the config itself, shared with its other readers, stays as loaded.
+        icfg = cfg.inference
+        self.inference = icfg.model_copy(update={"batch_size": icfg.call_batch(self.device.type)})
         self.labels = labels or {i: {"name": n, "color": "#ffffff"} for i, n in cfg.data.labels.items()}
         self.temperature = temperature
         self.name = name or cfg.name
@@ -148,7 +152,7 @@ class Predictor:
     def tta_mode(self, tta: TTAMode | str | None = None) -> TTAMode:
         """The TTA mode a call with ``tta`` uses: the argument, or the bundle's ``inference.tta``."""
         if tta is None:
-            return TTAMode(self.cfg.inference.tta)
+            return TTAMode(self.inference.tta)
         try:
             return TTAMode(tta)
         except ValueError:
@@ -156,7 +160,7 @@ class Predictor:
 
     def views(self, shape: tuple[int, int], tta: TTAMode | str | None = None) -> list[View]:
         """TTA views (``tta``, default ``cfg.inference.tta``) for slices of spatial ``shape`` (H, W)."""
-        return build_views(self.tta_mode(tta), shape, self.cfg.inference, self.rotations)
+        return build_views(self.tta_mode(tta), shape, self.inference, self.rotations)
 
     def passes(self, shape: tuple[int, int], tta: TTAMode | str | None = None) -> int:
         """Model passes per slice (members × views), each a full overlap-tile pass."""
@@ -190,10 +194,10 @@ class Predictor:
         ``(C, Z, Y, X)``: the mean over members × TTA views (``tta``; None: the config's) of
         ``softmax(logits / temperature)``."""
         x = torch.as_tensor(image, dtype=torch.float32)
-        icfg = self.cfg.inference
+        icfg = self.inference
         variance = icfg.uncertainty == "variance"
         views = self.views((int(x.shape[-2]), int(x.shape[-1])), tta)
-        batch_size = icfg.batch_size
+        batch_size = icfg.call_batch()
         if x.ndim == 4 and progress is not None:
             # A progress bar that moves: at least PROGRESS_STEPS updates per volume (one per slice for small
             # volumes, whose single 32-slice batch otherwise showed 0 % until the very end).
@@ -252,7 +256,7 @@ class Predictor:
     def probs_to_mask(self, probs: np.ndarray) -> np.ndarray:
         """``(K, *spatial)`` -> ``(*spatial)`` uint8: foreground ``>= threshold`` for binary tasks when
         ``cfg.inference.threshold`` is set, else argmax."""
-        thr = self.cfg.inference.threshold
+        thr = self.inference.threshold
         if thr is not None and probs.shape[0] == 2:
             return (probs[1] >= thr).astype(np.uint8)
         return probs.argmax(0).astype(np.uint8)
@@ -273,7 +277,7 @@ class Predictor:
             probs = from_model_grid(probs, grid)
             uncertainty = np.clip(from_model_grid(uncertainty[None], grid)[0], 0.0, 1.0)
         mask = self._mask_in_slabs(probs)
-        mask = postprocess_mask(mask, self.cfg.inference, self.num_classes)
+        mask = postprocess_mask(mask, self.inference, self.num_classes)
         return Prediction(probs, mask, uncertainty, scan.geometry)
 
     def _mask_in_slabs(self, probs: np.ndarray) -> np.ndarray:

@@ -51,8 +51,8 @@ def predict_logits_2d(
     padded = pad(image, ((0, 0), (0, 0), (mh, mh), (mw, mw)), mode)
     roi = (min(th, padded.shape[-2]), min(tw, padded.shape[-1]))
     # MONAI stacks sw_batch_size windows of *every* image in the batch into one call: keep the network's batch
-    # at about cfg.batch_size tiles, so a batch of 2.5D slices does not multiply activation memory.
-    sw_batch = max(1, cfg.batch_size // max(1, int(image.shape[0])))
+    # at about cfg.call_batch() tiles, so a batch of 2.5D slices does not multiply activation memory.
+    sw_batch = max(1, cfg.call_batch() // max(1, int(image.shape[0])))
     logits = sliding_window_inference(
         padded, roi_size=roi, sw_batch_size=sw_batch, predictor=model_fn, overlap=cfg.overlap,
         mode=cfg.blend, padding_mode=mode,
@@ -83,11 +83,11 @@ def slice_batches(volume: torch.Tensor, context: int, batch_size: int) -> Iterat
 def predict_logits_volume(
     model_fn: ModelFn, volume: torch.Tensor, context: int, cfg: InferenceConfig
 ) -> torch.Tensor:
-    """2.5D slice-wise logits ``(K, Z, Y, X)`` for a volume ``(C, Z, Y, X)``, in batches of ``cfg.batch_size``
+    """2.5D slice-wise logits ``(K, Z, Y, X)`` for a volume ``(C, Z, Y, X)``, in batches of ``cfg.call_batch()``
     slices, so memory stays bounded by one batch plus the output."""
     depth = volume.shape[1]
     out: torch.Tensor | None = None
-    for start, stop, batch in slice_batches(volume, context, cfg.batch_size):
+    for start, stop, batch in slice_batches(volume, context, cfg.call_batch()):
         logits = predict_logits_2d(model_fn, batch, cfg)  # (b, K, Y, X)
         if out is None:
             out = torch.empty((logits.shape[1], depth, *logits.shape[2:]), dtype=logits.dtype)

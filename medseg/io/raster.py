@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -155,11 +156,12 @@ def _pil_to_array(im: Image.Image, name: str, *, as_mask: bool) -> np.ndarray:
     raise UnsupportedFormatError(f"{name}: image mode {mode!r} is not supported")
 
 
-def write_raster(array: np.ndarray, path: Path, spacing: tuple[float, ...] | None = None) -> None:
+def write_raster(array: np.ndarray, path: Path, spacing: tuple[float, ...] | None = None, *,
+                 pnginfo: Any = None) -> None:
     """Write ``(y, x)`` uint8/uint16 or ``(y, x, 3)`` uint8 to PNG/TIFF at ``path`` (its suffix picks the format).
 
     ``spacing`` (x, y) in mm is stored as a resolution (PNG pHYs, TIFF dpi) when it is not the (1, 1) default,
-    so ``read_raster`` gives it back.
+    so ``read_raster`` gives it back. ``pnginfo``: PNG text chunks (a ``PIL.PngImagePlugin.PngInfo``).
     """
     if array.dtype == np.uint16 and array.ndim == 2:
         image = Image.fromarray(array)  # mode I;16
@@ -173,4 +175,6 @@ def write_raster(array: np.ndarray, path: Path, spacing: tuple[float, ...] | Non
     if spacing is not None and any(abs(s - 1.0) > 1e-9 for s in spacing):
         kwargs["dpi"] = (_MM_PER_INCH / spacing[0], _MM_PER_INCH / spacing[1])
     fmt = "TIFF" if detect_format(path) == ScanFormat.tiff else "PNG"
+    if pnginfo is not None and fmt == "PNG":
+        kwargs["pnginfo"] = pnginfo
     image.save(path, format=fmt, **kwargs)

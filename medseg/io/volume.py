@@ -206,9 +206,14 @@ def _is_beside(header: Path, name: str, *, must_exist: bool) -> bool:
     return plain and (not must_exist or (header.parent / name).is_file())
 
 
-def write_volume(array: np.ndarray, geometry: Geometry, path: Path, *, is_vector: bool = False) -> None:
+NIFTI_DESCRIP_BYTES = 80  # the NIfTI-1 header's descrip field
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path: Path, *, is_vector: bool = False,
+                 notes: str | None = None) -> None:
     """Write ``array`` (spatial axes in array order, plus a trailing channel axis when ``is_vector``)
-    with ``geometry`` stamped on, via SimpleITK; the suffix of ``path`` picks the format."""
+    with ``geometry`` stamped on, via SimpleITK; the suffix of ``path`` picks the format. ``notes``: a free-text
+    header note (ITK_FileNotes: the NIfTI descrip field, 80 bytes, cut there)."""
     if full_suffix(path) not in WRITABLE_VOLUME_SUFFIXES:
         raise ValueError(f"{path.name}: volume output must end with one of {WRITABLE_VOLUME_SUFFIXES}")
     spatial = array.shape[:-1] if is_vector else array.shape
@@ -218,5 +223,7 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: Path, *, is_vector
         )
     image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=is_vector)
     geometry.apply_to_sitk(image)
+    if notes is not None:
+        image.SetMetaData("ITK_FileNotes", notes.encode()[:NIFTI_DESCRIP_BYTES].decode(errors="ignore"))
     # .nii.gz compresses by its name; NRRD/MHA only when asked.
     sitk.WriteImage(image, str(path), useCompression=True)

@@ -386,8 +386,7 @@ def test_review_loop_edit_prompt_save_and_finetune(server: str, browser, dataset
     # Click prompts: where the model half-saw a nucleus (probability below the mask's threshold), a click adds the
     # region its probabilities support; a shift-click on a component removes it.
     predictor = Predictor.from_bundle(trained_models / "demo-nuclei", device="cpu")
-    predictor.cfg.inference.tta = "none"
-    probs = predictor.predict_scan(read_scan(image)).probs[1]
+    probs = predictor.predict_scan(read_scan(image), tta="none").probs[1]
     candidates = np.where((brushed == 0) & (probs < 0.5), probs, 0)
     r, c = np.unravel_index(int(np.argmax(candidates)), candidates.shape)
     assert candidates[r, c] >= editing.PROMPT_MIN_PROBABILITY, "the trained model has no uncertain region to prompt"

@@ -53,10 +53,11 @@ def test_uncertainty_entropy_and_variance(make_bundle) -> None:
     p = pred.probs
     expected = -(p * np.log(np.clip(p, 1e-8, 1))).sum(0) / np.log(2)
     np.testing.assert_allclose(pred.uncertainty, expected, atol=1e-5)
-    predictor.cfg.inference.uncertainty = "variance"
-    var = predictor.predict_scan(scan).uncertainty
+    cfg = predictor.cfg.model_copy(update={"inference": predictor.cfg.inference.model_copy(update={"uncertainty": "variance"})})
+    var = Predictor(predictor.members, cfg, device="cpu").predict_scan(scan).uncertainty
     assert var.shape == scan.spatial_shape and 0 <= var.min() and var.max() <= 1 and var.max() > 0
-    single = Predictor([predictor.members[0]], predictor.cfg, device="cpu").predict_scan(scan).uncertainty
+    assert np.abs(var - pred.uncertainty).max() > 1e-3  # not the entropy again
+    single = Predictor([predictor.members[0]], cfg, device="cpu").predict_scan(scan).uncertainty
     assert np.all(single == 0)  # one member, one pass: nothing to disagree with
 
 

@@ -140,3 +140,36 @@ def test_scan_repr_hides_meta_values(ct_dicom_dir: Path) -> None:
     scan = read_scan(ct_dicom_dir / "IM0001.dcm")
     text = repr(scan)
     assert "dicom_datasets" in text and "Institution" not in text and "Petersgraben" not in text
+
+
+def _overlay_one_label_at_a_time(image: np.ndarray, mask: np.ndarray, colors, alpha: float) -> np.ndarray:
+    """The definition render_overlay vectorises: blend each label's pixels, then paint its outline (the pixels
+    binary erosion removes) in its solid colour."""
+    from scipy.ndimage import binary_erosion
+
+    from medseg.io.overlay import label_colors, to_display_rgb
+
+    rgb = to_display_rgb(image).astype(np.float32)
+    for label, color in label_colors(np.unique(mask), colors).items():
+        where = mask == label
+        rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(color, dtype=np.float32)
+        rgb[where & ~binary_erosion(where)] = color
+    return rgb.round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.int64, bool])
+def test_overlay_equals_blending_one_label_at_a_time(dtype) -> None:
+    rng = np.random.default_rng(4)
+    labels = [0, 1] if dtype is bool else [0, 1, 2, 7, 40] if dtype is np.uint8 else [-3, 0, 2, 300, 70000]
+    mask = rng.choice(labels, (37, 53)).astype(dtype)
+    mask[5:20, 10:30] = labels[1]  # a solid block, so there is an inside as well as outlines
+    colors = {int(v): c for v, c in zip(labels[1:], ["#ff0000", "#00ff00", "#0000ff", "#123456"], strict=False)}
+    for image in (rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), rng.normal(size=(37, 53)).astype(np.float32)):
+        for alpha in (0.35, 1.0):
+            before = image.copy()
+            want = _overlay_one_label_at_a_time(image, mask, colors, alpha)
+            np.testing.assert_array_equal(render_overlay(image, mask, colors, alpha), want)
+            np.testing.assert_array_equal(image, before)  # the scan itself is never painted on
+    np.testing.assert_array_equal(render_overlay(image, np.zeros((37, 53), np.uint8), alpha=0.9), to_display_rgb(image))
+    instances = rng.integers(0, 40, (37, 53)).astype(np.uint16)  # more labels than default colours: they cycle
+    np.testing.assert_array_equal(render_overlay(image, instances), _overlay_one_label_at_a_time(image, instances, None, 0.35))
