@@ -26,7 +26,7 @@ from medseg.inference.optimize import fold_batchnorm
 from medseg.inference.postprocess import measure, postprocess_mask
 from medseg.inference.protocol import Progress
 from medseg.inference.tiling import ModelFn, slice_batches
-from medseg.inference.tta import View, build_views, predict_probs_tta
+from medseg.inference.tta import View, build_views, entropy, predict_probs_tta
 from medseg.io import Geometry, Scan
 from medseg.models import build_model
 from medseg.transforms.resample import from_model_grid
@@ -58,12 +58,33 @@ def expected_tile_calls(shape: tuple[int, int], images: int, cfg: Any) -> int:
 class Prediction:
     """``probs (K, *spatial)`` float32, ``mask (*spatial)`` uint8 class indices (post-processed),
     ``uncertainty (*spatial)`` float32 in [0, 1] (``cfg.inference.uncertainty``: normalised entropy or scaled
-    variance across passes) — all on the input scan's grid, described by ``geometry``."""
+    variance across passes) — all on the input scan's grid, described by ``geometry``.
+
+    Entropy is a function of ``probs``, so a Prediction made without it (``uncertainty=None``) computes it when it
+    is first read: a 512×512×300 CT then never holds the 0.3 GB map unless someone asks for it."""
 
     probs: np.ndarray
     mask: np.ndarray
-    uncertainty: np.ndarray
+    _uncertainty: np.ndarray | None
     geometry: Geometry
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        if self._uncertainty is None:
+            self._uncertainty = entropy_map(self.probs)
+        return self._uncertainty
+
+
+def entropy_map(probs: np.ndarray, slab: int = 16) -> np.ndarray:
+    """Normalised entropy ``(*spatial)`` float32 in [0, 1] of probabilities ``(K, *spatial)`` (`tta.entropy`),
+    a volume ``slab`` slices at a time so the temporaries stay small."""
+    t = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))
+    if t.ndim == 3:
+        return entropy(t[None])[0].numpy()
+    out = np.empty(t.shape[1:], np.float32)
+    for z in range(0, t.shape[1], slab):
+        out[z : z + slab] = entropy(t[:, z : z + slab].transpose(0, 1)).numpy()
+    return out
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -188,11 +209,12 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_image(
-        self, image: np.ndarray | torch.Tensor, *, tta: TTAMode | str | None = None, progress: Progress | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, image: np.ndarray | torch.Tensor, *, tta: TTAMode | str | None = None, progress: Progress | None = None,
+        uncertainty: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """``(probs (K, *spatial), uncertainty (*spatial))`` for a preprocessed image ``(C, H, W)`` or volume
         ``(C, Z, Y, X)``: the mean over members × TTA views (``tta``; None: the config's) of
-        ``softmax(logits / temperature)``."""
+        ``softmax(logits / temperature)``. ``uncertainty=False``: None instead of the map (not computed)."""
         x = torch.as_tensor(image, dtype=torch.float32)
         icfg = self.inference
         variance = icfg.uncertainty == "variance"
@@ -237,21 +259,24 @@ class Predictor:
         unc: np.ndarray | None = None
         for start, stop, batch in batches:
             acc = predict_probs_tta(fns, batch, icfg, self.temperature, views, variance, on_pass)
-            mean, u = acc.mean(), acc.uncertainty(icfg.uncertainty)  # (b, K, H, W), (b, H, W)
+            mean = acc.mean()  # (b, K, H, W)
+            u = acc.uncertainty(icfg.uncertainty) if uncertainty else None  # (b, H, W)
             if x.ndim == 3:
-                return mean[0].numpy(), u[0].numpy()
+                return mean[0].numpy(), None if u is None else u[0].numpy()
             if probs is None:  # allocated once the class count is known; filled batch by batch
                 probs = np.empty((mean.shape[1], x.shape[1], *mean.shape[2:]), dtype=np.float32)
-                unc = np.empty((x.shape[1], *mean.shape[2:]), dtype=np.float32)
+                if u is not None:
+                    unc = np.empty((x.shape[1], *mean.shape[2:]), dtype=np.float32)
             probs[:, start:stop] = mean.transpose(0, 1).numpy()
-            unc[start:stop] = u.numpy()
-        assert probs is not None and unc is not None
+            if unc is not None and u is not None:
+                unc[start:stop] = u.numpy()
+        assert probs is not None
         return probs, unc
 
     def predict_probs(self, image: np.ndarray | torch.Tensor, *, tta: TTAMode | str | None = None) -> np.ndarray:
         """Ensemble- and TTA-mean, temperature-scaled softmax ``(K, *spatial)`` for a preprocessed image
         ``(C, *spatial)``."""
-        return self.predict_image(image, tta=tta)[0]
+        return self.predict_image(image, tta=tta, uncertainty=False)[0]
 
     def probs_to_mask(self, probs: np.ndarray) -> np.ndarray:
         """``(K, *spatial)`` -> ``(*spatial)`` uint8: foreground ``>= threshold`` for binary tasks when
@@ -272,10 +297,14 @@ class Predictor:
         exact on the input grid."""
         mode = self.tta_mode(tta)  # an unknown mode fails before any preprocessing
         x, grid = self.prepare(scan)
-        probs, uncertainty = self.predict_image(x, tta=mode, progress=progress)
+        # Entropy is computed from the final probabilities when first read (Prediction.uncertainty); only the
+        # variance across passes must be gathered during the passes.
+        variance = self.inference.uncertainty == "variance"
+        probs, uncertainty = self.predict_image(x, tta=mode, progress=progress, uncertainty=variance)
         if grid.operations:
             probs = from_model_grid(probs, grid)
-            uncertainty = np.clip(from_model_grid(uncertainty[None], grid)[0], 0.0, 1.0)
+            if uncertainty is not None:
+                uncertainty = np.clip(from_model_grid(uncertainty[None], grid)[0], 0.0, 1.0)
         mask = self._mask_in_slabs(probs)
         mask = postprocess_mask(mask, self.inference, self.num_classes)
         return Prediction(probs, mask, uncertainty, scan.geometry)

@@ -1,5 +1,5 @@
 """Inference backends (medseg.inference.backends): each predicts what eager PyTorch does, through the Predictor,
-the CLI and the service settings; compile failures fall back to eager."""
+the CLI and the service settings; compile and export failures fall back to eager."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from medseg.config import InferenceConfig
 from medseg.inference import Predictor
-from medseg.inference.backends import Backend
+from medseg.inference.backends import Backend, default_backend
 from medseg.io import Geometry, Scan
 
 
@@ -82,12 +83,29 @@ def test_compile_failure_falls_back_to_eager(make_bundle, monkeypatch, caplog) -
     assert "InvalidCxxCompiler" in caplog.text and "running eagerly" in caplog.text
 
 
+def test_onnx_export_failure_falls_back_to_eager(make_bundle, monkeypatch, caplog) -> None:
+    bundle = make_bundle("x", {"a": 3})
+    eager = Predictor.from_bundle(bundle, device="cpu", backend="torch")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::exotic' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr("medseg.inference.backends.torch.onnx.export", broken)
+    predictor = Predictor.from_bundle(bundle, device="cpu")  # auto: onnxruntime on a CPU
+    assert predictor.backend == Backend.ONNXRUNTIME
+    with caplog.at_level("WARNING", logger="medseg"):
+        probs = predictor.predict_scan(_image()).probs
+    np.testing.assert_allclose(probs, eager.predict_scan(_image()).probs, atol=1e-6)
+    assert "aten::exotic" in caplog.text and "running eagerly" in caplog.text
+
+
 def test_backend_comes_from_the_bundle_unless_the_caller_chooses(make_bundle) -> None:
     bundle = make_bundle("c", {"a": 3}, overrides=["inference.backend=onnxruntime"])
     assert Predictor.from_bundle(bundle, device="cpu").backend == Backend.ONNXRUNTIME
     assert Predictor.from_bundle(bundle, device="cpu", backend="torch").backend == Backend.TORCH
-    # auto resolves to a concrete backend for the device
-    assert Predictor.from_bundle(make_bundle("d", {"a": 3}), device="cpu").backend in set(Backend) - {Backend.AUTO}
+    # auto resolves to the backend measured fastest for the device (README "Inference backends")
+    assert Predictor.from_bundle(make_bundle("d", {"a": 3}), device="cpu").backend == Backend.ONNXRUNTIME
+    assert default_backend(torch.device("cuda")) == Backend.TORCH
 
 
 def test_bundles_written_with_inference_compile_still_load() -> None:

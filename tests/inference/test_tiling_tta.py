@@ -149,7 +149,7 @@ def test_backend_is_a_predictor_option_not_a_config_change() -> None:
     cfg = tiny_config()
     compiled = Predictor([Pointwise()], cfg, device="cpu", backend="compile")
     assert compiled.backend == "compile" and cfg.inference.backend == "auto"
-    assert Predictor([Pointwise()], cfg, device="cpu").backend == "torch"  # auto on this CPU
+    assert Predictor([Pointwise()], cfg, device="cpu").backend == "onnxruntime"  # auto on a CPU
     assert Predictor([Pointwise()], tiny_config("inference.backend=compile"), device="cpu").backend == "compile"
 
 
