@@ -102,9 +102,16 @@ class Job:
     is_dicom: bool = False
     scan: Scan | None = None  # dropped once the result files are written
     reservation: Any = None  # its share of the memory budget (``budget.Reservation``), released when it ends
+    # A job from a PACS (``medseg.service.pacs.PacsSource``): its SEG's UIDs derive from the job id, and
+    # ``after_results(job, written)`` runs once the result files exist (storing the SEG back).
+    source: Any = None
+    after_results: Callable[[Job, dict[str, Path]], None] | None = None
 
     def public(self) -> dict[str, Any]:
-        return {"job_id": self.id, "status": str(self.status), "progress": round(self.progress, 4), "error": self.error}
+        out = {"job_id": self.id, "status": str(self.status), "progress": round(self.progress, 4), "error": self.error}
+        if self.source is not None:
+            out["pacs"] = self.source.public()
+        return out
 
 
 class JobQueue:
@@ -197,12 +204,14 @@ class JobQueue:
 
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
                reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
-               run_anyway: bool = False) -> Job:
+               run_anyway: bool = False, source: Any = None,
+               after_results: Callable[[Job, dict[str, Path]], None] | None = None) -> Job:
         """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder`` and releases
         ``reservation``; once queued, the worker releases it when the job ends)."""
         job = Job(job_id, folder, sha256, tta, anonymize, is_volume=scan.is_volume,
                   is_dicom=scan.meta.get("format") == "dicom", scan=scan, reservation=reservation,
-                  compatibility=tuple(compatibility), run_anyway=run_anyway)
+                  compatibility=tuple(compatibility), run_anyway=run_anyway, source=source,
+                  after_results=after_results)
         with self._lock:
             self._jobs[job.id] = job
         try:
@@ -259,8 +268,11 @@ class JobQueue:
                 "weights_hash": self.predictor.weights_hash, "tta": str(self.predictor.tta_mode(job.tta)),
                 "run_anyway": job.run_anyway, "compatibility_problems": list(job.compatibility),
             }
-            write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info,
-                          label_map=self.predictor.cfg.data.label_map, anonymize=job.anonymize, salt=self.salt)
+            written = write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info,
+                                    label_map=self.predictor.cfg.data.label_map, anonymize=job.anonymize,
+                                    salt=self.salt, uid_key=job.id if job.source is not None else None)
+            if job.after_results is not None:
+                job.after_results(job, written)
             job.status, job.progress = JobStatus.done, 1.0
             log.info("job %s done in %.2f s", job.id, time.time() - start)
         except Exception as e:  # a broken scan or a writer bug fails this job, never the worker

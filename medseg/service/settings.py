@@ -30,7 +30,10 @@ class ServiceSettings:
     ``medseg serve`` listens beyond loopback (with a warning). ``api_token``: when set, every /v1 request needs
     ``Authorization: Bearer <token>``. ``read_timeout_s``: longest wait for a request's headers (from the
     connection or the previous request) and longest pause while its body arrives;
-    ``upload_timeout_s``: longest time a whole request body may take (a half-sent upload gets 408)."""
+    ``upload_timeout_s``: longest time a whole request body may take (a half-sent upload gets 408).
+
+    ``dicomweb_endpoints``: the YAML file of DICOMweb endpoints jobs may name (``medseg.io.dicomweb``); None:
+    ``$MEDSEG_DICOMWEB_ENDPOINTS`` (the app's variable), else none."""
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_queued: int = 16
@@ -46,6 +49,7 @@ class ServiceSettings:
     api_token: str | None = None
     read_timeout_s: float = 30.0
     upload_timeout_s: float = 900.0
+    dicomweb_endpoints: Path | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServiceSettings:
