@@ -30,7 +30,14 @@ class ServiceSettings:
     ``medseg serve`` listens beyond loopback (with a warning). ``api_token``: when set, every /v1 request needs
     ``Authorization: Bearer <token>``. ``read_timeout_s``: longest wait for a request's headers (from the
     connection or the previous request) and longest pause while its body arrives;
-    ``upload_timeout_s``: longest time a whole request body may take (a half-sent upload gets 408)."""
+    ``upload_timeout_s``: longest time a whole request body may take (a half-sent upload gets 408).
+
+    Many workers (``medseg.service.shared_jobs``): ``broker``: a Redis URL (``redis://host:6379/0``); set, the
+    API only queues jobs there and ``medseg worker`` processes (one per GPU, any machine) run them; None: one
+    process, in-memory queue (the default). ``results_dir``: the folder every API replica and worker shares
+    (uploads and result files by job id; required with a broker). ``worker_timeout_s``: a worker silent this
+    long is dead: its job goes back to the queue for another worker. ``max_attempts``: deliveries of one job at
+    most (a scan that kills every worker that takes it fails after that many)."""
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_queued: int = 16
@@ -46,6 +53,10 @@ class ServiceSettings:
     api_token: str | None = None
     read_timeout_s: float = 30.0
     upload_timeout_s: float = 900.0
+    broker: str | None = None
+    results_dir: Path | None = None
+    worker_timeout_s: float = 60.0
+    max_attempts: int = 3
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServiceSettings:
