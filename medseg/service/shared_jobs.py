@@ -118,16 +118,18 @@ class SharedStore:
         self._transition = self.redis.register_script(_TRANSITION)
 
     def check(self) -> None:
-        """Reach Redis and the results folder, or raise ``MedsegError`` saying which is missing."""
+        """Reach Redis and make the results folder, or raise ``MedsegError`` saying which failed."""
         import redis
 
         try:
             self.redis.ping()
         except redis.RedisError as e:
             raise MedsegError(f"broker {redacted(self.url)}: cannot reach Redis ({type(e).__name__})") from None
-        if not self.results_dir.is_dir():
-            raise MedsegError(f"results_dir {self.results_dir}: not a folder (it must be shared by every API "
-                              "replica and worker)")
+        try:
+            self.results_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise MedsegError(f"results_dir {self.results_dir}: cannot create it ({e.strerror}); it must be a "
+                              "folder every API replica and worker shares") from None
 
     def salt(self) -> str:
         self.redis.set(SALT, secrets.token_hex(16), nx=True)
@@ -261,12 +263,11 @@ class SharedJobs:
         self.settings = settings
         self.store = SharedStore(settings.broker, Path(settings.results_dir), settings.job_ttl_s,
                                  settings.max_jobs, settings.worker_timeout_s)
+        self.store.check()  # here, so that `medseg serve` names a missing broker before it starts listening
         self.broker = make_broker(settings.broker, settings.worker_timeout_s)
         self.max_queued = settings.max_queued
 
     def start(self) -> None:
-        self.store.results_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.store.check()
         log.info("jobs go to the shared queue at %s; results in %s", redacted(self.store.url),
                  self.store.results_dir.name)
 
@@ -461,3 +462,27 @@ class SharedWorker:
     def _delete_upload(folder: Path, data: dict[str, str]) -> None:
         if data.get("upload"):
             (folder / data["upload"]).unlink(missing_ok=True)
+
+
+def run_worker(bundle: Path, settings: Any, after_write: Any = None) -> None:
+    """``medseg worker``: load ``bundle`` once on ``settings.device`` and work the shared queue until SIGTERM or
+    SIGINT (the running job is finished first; SIGKILL leaves it to another worker)."""
+    import signal
+
+    from medseg.service.app import load_predictor
+
+    predictor, _card, _fingerprint = load_predictor(Path(bundle), settings, "")
+    worker = SharedWorker(predictor, settings, after_write=after_write)
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.start()
+    try:
+        stop.wait()
+    finally:
+        log.info("worker %s: stopping after the running job", worker.id)
+        worker.stop()
