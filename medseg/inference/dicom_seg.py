@@ -67,13 +67,16 @@ def write_dicom_seg(
     model_name: str = "medseg",
     model_version: str = "",
     salt: str = "",
+    uid_key: str | None = None,
 ) -> Path:
     """Write ``mask`` (class indices on ``scan``'s grid: ``(z, y, x)`` or ``(y, x)``) as a binary DICOM SEG.
 
     ``labels``: index -> name or ``{"name", "color"}``; each label > 0 becomes a segment (numbered 1..N in
     label order) with the bundle's name and colour; frames with no voxels of a segment are omitted.
     ``anonymize``: de-identify patient/study attributes and hash UIDs (see `deidentify_dataset`, same
-    ``salt``). SeriesDescription and ContentDescription say "Research use only". Returns the path written.
+    ``salt``). SeriesDescription and ContentDescription say "Research use only". ``uid_key`` (e.g. a job id):
+    the SEG's Series/SOP Instance UIDs derive from it and the source series alone, so a retried job writes the
+    same UIDs even if its mask differs and a PACS it is stored to keeps one SEG. Returns the path written.
     """
     path = Path(path)
     datasets = scan.meta.get("dicom_datasets")
@@ -105,6 +108,8 @@ def write_dicom_seg(
     # Same input, same mask, same model -> same UIDs (reproducible outputs); anything else -> new UIDs.
     digest = hashlib.sha256(np.ascontiguousarray(seg_array).tobytes()).hexdigest()
     key = (sources[0].SeriesInstanceUID, digest, model_name, model_version, anonymize, salt)
+    if uid_key is not None:
+        key = (sources[0].SeriesInstanceUID, "uid-key", uid_key, anonymize, salt)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # highdicom's notes on optional attributes
