@@ -292,11 +292,11 @@ def add_upload_route(app: FastAPI, service: Service) -> None:
                     check_result_shape(upload.path.name, shape)
                     reservation.admit(shape, components)
 
-                source = JobInput(upload.path.name, series_uid, allow_missing_slices, service.voxel_cap,
+                stored = JobInput(upload.path.name, series_uid, allow_missing_slices, service.voxel_cap,
                                   min(service.voxel_cap, MAX_IMAGE_PIXELS))
                 try:
-                    scan = read_upload(upload, series_uid, max_voxels=source.max_voxels,
-                                       max_pixels=source.max_pixels, admit=admit,
+                    scan = read_upload(upload, series_uid, max_voxels=stored.max_voxels,
+                                       max_pixels=stored.max_pixels, admit=admit,
                                        allow_missing_slices=allow_missing_slices, keep=True)
                 except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
@@ -306,7 +306,7 @@ def add_upload_route(app: FastAPI, service: Service) -> None:
                 raise IncompatibleScanError(f"The scan does not fit this model: {fit.text()} "
                                             "Send run_anyway=true to segment it anyway.")
             job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation, anonymize,
-                              compatibility=fit.problems, run_anyway=run_anyway, source=source)
+                              compatibility=fit.problems, run_anyway=run_anyway, stored_input=stored)
         except BaseException as e:
             reservation.release()
             shutil.rmtree(folder, ignore_errors=True)

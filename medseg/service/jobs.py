@@ -92,7 +92,7 @@ class QueueFullError(Exception):
 
 @dataclass(frozen=True)
 class JobInput:
-    """How a worker reads the job's upload again (a worker on another machine gets the file, not the Scan):
+    """How a worker reads the job's stored input again (a worker on another machine gets the file, not the Scan):
     ``upload``: its file name in the job folder; the reader options the API used."""
 
     upload: str
@@ -138,7 +138,7 @@ class Jobs(Protocol):
     def retry_after(self) -> int: ...
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
                reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
-               run_anyway: bool = False, source: JobInput | None = None) -> Job: ...
+               run_anyway: bool = False, stored_input: JobInput | None = None) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def counts(self) -> dict[str, int]: ...
     def queue_depth(self) -> int: ...
@@ -277,12 +277,12 @@ class JobQueue:
 
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
                reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
-               run_anyway: bool = False, source: JobInput | None = None) -> Job:
+               run_anyway: bool = False, stored_input: JobInput | None = None) -> Job:
         """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder`` and releases
         ``reservation``; once queued, the worker releases it when the job ends). The worker here gets ``scan``
-        itself, so the stored upload (``source``) is deleted at once."""
-        if source is not None:
-            (folder / source.upload).unlink(missing_ok=True)
+        itself, so the stored input file (``stored_input``) is deleted at once."""
+        if stored_input is not None:
+            (folder / stored_input.upload).unlink(missing_ok=True)
         job = Job(job_id, folder, sha256, tta, anonymize, is_volume=scan.is_volume,
                   is_dicom=scan.meta.get("format") == "dicom", scan=scan, reservation=reservation,
                   compatibility=tuple(compatibility), run_anyway=run_anyway)

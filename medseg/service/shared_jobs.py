@@ -303,13 +303,13 @@ class SharedJobs:
 
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
                reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
-               run_anyway: bool = False, source: JobInput | None = None) -> Job:
+               run_anyway: bool = False, stored_input: JobInput | None = None) -> Job:
         """Record the job and send its id to the workers; raises ``QueueFullError``. The scan itself stays
-        here (a worker reads ``source`` again), so ``reservation`` is released at once."""
+        here (a worker reads ``stored_input`` again), so ``reservation`` is released at once."""
         import dramatiq
 
-        if source is None:
-            raise ValueError("a shared job needs its stored upload (source)")
+        if stored_input is None:
+            raise ValueError("a shared job needs its stored input file (stored_input)")
         if reservation is not None:
             reservation.release()
         job = Job(job_id, folder, sha256, tta, anonymize, tuple(compatibility), run_anyway,
@@ -318,9 +318,9 @@ class SharedJobs:
             "status": str(JobStatus.queued), "progress": 0.0, "error": "", "created": job.created, "sha256": sha256,
             "tta": str(tta) if tta else "", "anonymize": anonymize, "compatibility": list(compatibility),
             "run_anyway": run_anyway, "is_volume": job.is_volume, "is_dicom": job.is_dicom, "attempts": 0,
-            "weights_hash": self.predictor.weights_hash, "upload": source.upload,
-            "series_uid": source.series_uid, "allow_missing_slices": source.allow_missing_slices,
-            "max_voxels": source.max_voxels, "max_pixels": source.max_pixels,
+            "weights_hash": self.predictor.weights_hash, "upload": stored_input.upload,
+            "series_uid": stored_input.series_uid, "allow_missing_slices": stored_input.allow_missing_slices,
+            "max_voxels": stored_input.max_voxels, "max_pixels": stored_input.max_pixels,
         }
         args: list[Any] = [job_id, self.max_queued, job.created]
         for k, v in record.items():
