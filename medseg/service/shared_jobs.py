@@ -53,9 +53,13 @@ PREFIX = "medseg"
 WORKERS = f"{PREFIX}:workers"  # sorted set: worker id -> unix time of its last heartbeat
 SECONDS_PER_JOB = f"{PREFIX}:seconds-per-job"  # running estimate for Retry-After
 SALT = f"{PREFIX}:salt"  # hashes DICOM UIDs of anonymized SEGs; the same for every worker, never leaves Redis
+# Longest pause between two polls of the queue (ms). Dramatiq backs off while a worker is busy too, so this is
+# also the longest wait between the end of one job and the start of the next: Dramatiq's 1 s default cost
+# small scans more than their compute.
+POLL_MS = 100
 # One broker maintenance (requeue the messages of dead workers) per this many broker calls out of a million;
-# an idle worker polls about once a second, so a dead worker's job is back within seconds of its timeout.
-MAINTENANCE_CHANCE = 250_000
+# an idle worker polls up to 10 times a second, so a dead worker's job is back about a second after its timeout.
+MAINTENANCE_CHANCE = 50_000
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 # A folder in results_dir without a job record this long after it was made: an upload whose API replica died
 # before queueing it, or a purged job whose folder removal failed.
@@ -366,7 +370,7 @@ class SharedWorker:
         self.after_write = after_write
         self.broker = make_broker(settings.broker, settings.worker_timeout_s)
         dramatiq.actor(self._segment, actor_name=ACTOR, queue_name=QUEUE, broker=self.broker)
-        self.worker = dramatiq.Worker(self.broker, worker_threads=1)
+        self.worker = dramatiq.Worker(self.broker, worker_threads=1, worker_timeout=POLL_MS)
         self.worker.queue_prefetch = 1
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="medseg-worker-heartbeat", daemon=True)
