@@ -7,6 +7,8 @@ GET  /v1/jobs/{id}               {job_id, status: queued|running|done|failed, pr
 GET  /v1/jobs/{id}/mask          ?format=nifti|png|dicom-seg, ?values=indices|raw  (on the scan's grid)
 GET  /v1/jobs/{id}/uncertainty   ?format=nifti|npz            (normalised entropy in [0, 1])
 GET  /v1/jobs/{id}/report        measurements per label (area mm² for 2D, volume mm³/mL for 3D)
+POST /v1/segment/dicomweb        JSON naming a configured DICOMweb endpoint + study/series (medseg.service.pacs)
+POST /v1/jobs/{id}/store         store a PACS job's DICOM SEG back (STOW-RS)
 GET  /v1/models                  the loaded model: name, weights hash, labels, device
 GET  /health                     liveness + queue depth
 GET  /openapi.json, /docs        schema
@@ -45,6 +47,7 @@ from medseg.inference import Predictor
 from medseg.inference.compatibility import IncompatibleScanError, check_scan
 from medseg.inference.outputs import MaskValues
 from medseg.io import MAX_IMAGE_PIXELS
+from medseg.io.dicomweb import Endpoint, load_endpoints
 from medseg.service.budget import (
     DECODED_BYTES_PER_SAMPLE,
     MEMORY_FRACTION_QUEUED,
@@ -86,6 +89,7 @@ class JobOut(BaseModel):
     status: JobStatus
     progress: float = Field(ge=0.0, le=1.0)
     error: str | None = None
+    pacs: dict[str, Any] | None = None  # jobs from a DICOMweb endpoint: the source and the store-back outcome
 
 
 class SubmittedOut(BaseModel):
@@ -181,6 +185,7 @@ class Service:
     own_work_dir: bool
     fingerprint: dict[str, Any] | None = None  # the training data's summary, what uploads are checked against
     reads: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(_PARALLEL_READS))
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)  # DICOMweb endpoints jobs may name
 
     def finished_job(self, job_id: str) -> Job:
         """The job, done; 404 when unknown, 409 when failed or not done yet."""
@@ -220,7 +225,7 @@ def build_service(predictor: Predictor, settings: ServiceSettings, model_card: s
     voxel_cap = min(settings.max_voxels or default_voxel_cap(predictor, memory),
                     budget.limit_bytes // DECODED_BYTES_PER_SAMPLE)
     return Service(settings, jobs, budget, voxel_cap, _model_info(predictor, model_card), work_dir, own_work_dir,
-                   fingerprint)
+                   fingerprint, endpoints=load_endpoints(settings.dicomweb_endpoints))
 
 
 def _lifespan(service: Service):
@@ -422,4 +427,7 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     add_upload_route(app, service)
     add_job_routes(app, service)
     add_model_routes(app, service)
+    from medseg.service.pacs import add_pacs_routes
+
+    add_pacs_routes(app, service)
     return app

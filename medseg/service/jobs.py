@@ -93,7 +93,8 @@ class QueueFullError(Exception):
 @dataclass(frozen=True)
 class JobInput:
     """How a worker reads the job's stored input again (a worker on another machine gets the file, not the Scan):
-    ``upload``: its file name in the job folder; the reader options the API used."""
+    ``upload``: its file (or folder: a series retrieved from a PACS) in the job folder; the reader options the
+    API used."""
 
     upload: str
     series_uid: str | None = None
@@ -120,9 +121,16 @@ class Job:
     is_dicom: bool = False
     scan: Scan | None = None  # dropped once the result files are written
     reservation: Any = None  # its share of the memory budget (``budget.Reservation``), released when it ends
+    # A job from a PACS (``medseg.service.pacs.PacsSource``): its SEG's UIDs derive from the job id, and
+    # ``after_results(job, written)`` runs once the result files exist (storing the SEG back).
+    source: Any = None
+    after_results: Callable[[Job, dict[str, Path]], None] | None = None
 
     def public(self) -> dict[str, Any]:
-        return {"job_id": self.id, "status": str(self.status), "progress": round(self.progress, 4), "error": self.error}
+        out = {"job_id": self.id, "status": str(self.status), "progress": round(self.progress, 4), "error": self.error}
+        if self.source is not None:
+            out["pacs"] = self.source.public()
+        return out
 
 
 class Jobs(Protocol):
@@ -138,7 +146,9 @@ class Jobs(Protocol):
     def retry_after(self) -> int: ...
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
                reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
-               run_anyway: bool = False, stored_input: JobInput | None = None) -> Job: ...
+               run_anyway: bool = False, source: Any = None,
+               after_results: Callable[[Job, dict[str, Path]], None] | None = None,
+               stored_input: JobInput | None = None) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def counts(self) -> dict[str, int]: ...
     def queue_depth(self) -> int: ...
@@ -179,9 +189,11 @@ class JobRunner:
         self.check_deadline()
 
     def run(self, job: Job, scan: Scan, progress: Callable[[float], None], salt: str,
-            after_write: Callable[[dict[str, Path]], None] | None = None) -> None:
+            after_results: Callable[[Job, dict[str, Path]], None] | None = None) -> None:
         """Predict ``scan`` and write the files into ``job.folder``; ``progress(fraction)`` gets 0.05..0.95.
-        ``after_write(files)`` runs inside the time limit (e.g. a store to PACS). Raises what failed."""
+        ``after_results(job, files)`` runs inside the time limit (storing the SEG back to a PACS). A job from a
+        PACS (``job.source``) gets SEG UIDs derived from its id, so a rerun writes the same SEG instance.
+        Raises what failed."""
         self._owner = threading.current_thread()
         self._deadline = time.monotonic() + self.job_timeout_s if math.isfinite(self.job_timeout_s) else None
 
@@ -199,9 +211,10 @@ class JobRunner:
                 "run_anyway": job.run_anyway, "compatibility_problems": list(job.compatibility),
             }
             files = write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info,
-                                  label_map=self.predictor.cfg.data.label_map, anonymize=job.anonymize, salt=salt)
-            if after_write is not None:
-                after_write(files)
+                                  label_map=self.predictor.cfg.data.label_map, anonymize=job.anonymize, salt=salt,
+                                  uid_key=job.id if job.source is not None else None)
+            if after_results is not None:
+                after_results(job, files)
         finally:
             self._deadline = None
             self._owner = None
@@ -277,15 +290,18 @@ class JobQueue:
 
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
                reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
-               run_anyway: bool = False, stored_input: JobInput | None = None) -> Job:
+               run_anyway: bool = False, source: Any = None,
+               after_results: Callable[[Job, dict[str, Path]], None] | None = None,
+               stored_input: JobInput | None = None) -> Job:
         """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder`` and releases
         ``reservation``; once queued, the worker releases it when the job ends). The worker here gets ``scan``
         itself, so the stored input file (``stored_input``) is deleted at once."""
         if stored_input is not None:
-            (folder / stored_input.upload).unlink(missing_ok=True)
+            _delete(folder / stored_input.upload)
         job = Job(job_id, folder, sha256, tta, anonymize, is_volume=scan.is_volume,
                   is_dicom=scan.meta.get("format") == "dicom", scan=scan, reservation=reservation,
-                  compatibility=tuple(compatibility), run_anyway=run_anyway)
+                  compatibility=tuple(compatibility), run_anyway=run_anyway, source=source,
+                  after_results=after_results)
         with self._lock:
             self._jobs[job.id] = job
         try:
@@ -336,7 +352,7 @@ class JobQueue:
             job.progress = value
 
         try:
-            self._runner.run(job, scan, progress, self.salt)
+            self._runner.run(job, scan, progress, self.salt, job.after_results)
             job.status, job.progress = JobStatus.done, 1.0
             log.info("job %s done in %.2f s", job.id, time.time() - start)
         except Exception as e:  # a broken scan or a writer bug fails this job, never the worker
@@ -370,6 +386,13 @@ class JobQueue:
         if expired:
             log.info("purged %d finished job(s)", len(expired))
         return [j.id for j in expired]
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def make_jobs(predictor: Any, settings: Any, work_dir: Path) -> Jobs:

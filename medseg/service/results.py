@@ -66,12 +66,13 @@ def write_results(
     label_map: dict[int, int],
     anonymize: bool = False,
     salt: str = "",
+    uid_key: str | None = None,
 ) -> dict[str, Path]:
     """Write a job's result files into ``folder``; ``info`` (model, hashes, options) goes into the report.
     Masks are written in both value conventions (``label_map``: raw value -> class).
 
     ``anonymize``: the DICOM SEG is de-identified (``medseg.inference.deidentify``; UIDs hashed with ``salt``).
-    Every file is made ``0600`` (the folder is ``0700``): a mask of a DICOM input carries patient data."""
+    ``uid_key``: the SEG's UIDs derive from it (a job id), see ``write_dicom_seg``. Every file is made ``0600`` (the folder is ``0700``): a mask of a DICOM input carries patient data."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     model = ModelStamp(str(info.get("model", "medseg")), str(info.get("weights_hash", "")))
     formats = [MaskFormat.nifti] if scan.is_volume else [MaskFormat.nifti, MaskFormat.png]
@@ -87,7 +88,7 @@ def write_results(
         try:
             written["mask_dicom_seg"] = write_dicom_seg(
                 scan, mask, labels, folder / MASK_DICOM_SEG, anonymize=anonymize, salt=salt,
-                model_name=model.name, model_version=model.weights_hash,
+                model_name=model.name, model_version=model.weights_hash, uid_key=uid_key,
             )
         except MedsegError as e:  # headers highdicom cannot use: the NIfTI mask is still worth having
             dicom_seg_error = str(e)

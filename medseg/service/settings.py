@@ -37,7 +37,10 @@ class ServiceSettings:
     process, in-memory queue (the default). ``results_dir``: the folder every API replica and worker shares
     (uploads and result files by job id; required with a broker). ``worker_timeout_s``: a worker silent this
     long is dead: its job goes back to the queue for another worker. ``max_attempts``: deliveries of one job at
-    most (a scan that kills every worker that takes it fails after that many)."""
+    most (a scan that kills every worker that takes it fails after that many).
+
+    ``dicomweb_endpoints``: the YAML file of DICOMweb endpoints jobs may name (``medseg.io.dicomweb``); None:
+    ``$MEDSEG_DICOMWEB_ENDPOINTS`` (the app's variable), else none. Workers read the same file to store SEGs."""
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_queued: int = 16
@@ -57,6 +60,7 @@ class ServiceSettings:
     results_dir: Path | None = None
     worker_timeout_s: float = 60.0
     max_attempts: int = 3
+    dicomweb_endpoints: Path | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServiceSettings:

@@ -232,6 +232,18 @@ def _encode(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def pacs_source(data: dict[str, str]) -> Any:
+    """A PACS job's ``PacsSource`` from its record (None for uploads)."""
+    if not data.get("pacs_endpoint"):
+        return None
+    from medseg.service.pacs import PacsSource
+
+    return PacsSource(data["pacs_endpoint"], data.get("pacs_study_uid", ""), data.get("pacs_series_uid", ""),
+                      data.get("pacs_store_back") == "1", stored_sop_uid=data.get("pacs_stored_sop_uid") or None,
+                      seg_series_uid=data.get("pacs_seg_series_uid") or None,
+                      store_error=data.get("pacs_store_error") or None)
+
+
 def job_from_record(job_id: str, data: dict[str, str], folder: Path) -> Job:
     finished = data.get("finished")
     return Job(
@@ -241,7 +253,7 @@ def job_from_record(job_id: str, data: dict[str, str], folder: Path) -> Job:
         run_anyway=data.get("run_anyway") == "1", status=JobStatus(data.get("status", "queued")),
         progress=float(data.get("progress") or 0.0), error=data.get("error") or None,
         created=float(data.get("created") or 0.0), finished=float(finished) if finished else None,
-        is_volume=data.get("is_volume") == "1", is_dicom=data.get("is_dicom") == "1",
+        is_volume=data.get("is_volume") == "1", is_dicom=data.get("is_dicom") == "1", source=pacs_source(data),
     )
 
 
@@ -307,9 +319,12 @@ class SharedJobs:
 
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
                reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
-               run_anyway: bool = False, stored_input: JobInput | None = None) -> Job:
+               run_anyway: bool = False, source: Any = None, after_results: Any = None,
+               stored_input: JobInput | None = None) -> Job:
         """Record the job and send its id to the workers; raises ``QueueFullError``. The scan itself stays
-        here (a worker reads ``stored_input`` again), so ``reservation`` is released at once."""
+        here (a worker reads ``stored_input`` again), so ``reservation`` is released at once. ``source``: a
+        PACS job's ``PacsSource``, recorded; ``after_results`` (a closure of this process) is not sent: the
+        worker stores the SEG back itself when ``source.store_back``."""
         import dramatiq
 
         if stored_input is None:
@@ -317,7 +332,7 @@ class SharedJobs:
         if reservation is not None:
             reservation.release()
         job = Job(job_id, folder, sha256, tta, anonymize, tuple(compatibility), run_anyway,
-                  is_volume=scan.is_volume, is_dicom=scan.meta.get("format") == "dicom")
+                  is_volume=scan.is_volume, is_dicom=scan.meta.get("format") == "dicom", source=source)
         record = {
             "status": str(JobStatus.queued), "progress": 0.0, "error": "", "created": job.created, "sha256": sha256,
             "tta": str(tta) if tta else "", "anonymize": anonymize, "compatibility": list(compatibility),
@@ -326,6 +341,9 @@ class SharedJobs:
             "series_uid": stored_input.series_uid, "allow_missing_slices": stored_input.allow_missing_slices,
             "max_voxels": stored_input.max_voxels, "max_pixels": stored_input.max_pixels,
         }
+        if source is not None:
+            record.update(pacs_endpoint=source.endpoint, pacs_study_uid=source.study_uid,
+                          pacs_series_uid=source.series_uid, pacs_store_back=source.store_back)
         args: list[Any] = [job_id, self.max_queued, job.created]
         for k, v in record.items():
             args += [k, _encode(v)]
@@ -352,10 +370,12 @@ class SharedWorker:
     """One worker process's job loop: Dramatiq's worker with one thread and no prefetch (a job waits in the
     queue, where any idle worker can take it, not in a busy worker's memory).
 
-    ``after_write(job, files)`` (optional) runs after the result files are written, inside the time limit, e.g.
-    to store the SEG in a PACS; it must be idempotent, since a job whose worker died is run again."""
+    A PACS job with ``store_back`` has its SEG stored on the endpoint of that name in the worker's own endpoints
+    file (``settings.dicomweb_endpoints``, the API's file), at most once per job: the record's
+    ``pacs_stored_sop_uid`` marks a stored SEG, and a rerun (after a worker died between storing and finishing)
+    skips the store; its SEG would carry the same UIDs anyway (derived from the job id)."""
 
-    def __init__(self, predictor: Any, settings: Any, worker_id: str | None = None, after_write: Any = None):
+    def __init__(self, predictor: Any, settings: Any, worker_id: str | None = None):
         import dramatiq
 
         if not settings.broker or not settings.results_dir:
@@ -367,7 +387,9 @@ class SharedWorker:
         self.store = SharedStore(settings.broker, Path(settings.results_dir), settings.job_ttl_s,
                                  settings.max_jobs, settings.worker_timeout_s)
         self.runner = JobRunner(predictor, settings.job_timeout_s)
-        self.after_write = after_write
+        from medseg.io.dicomweb import load_endpoints
+
+        self.endpoints = load_endpoints(getattr(settings, "dicomweb_endpoints", None))
         self.broker = make_broker(settings.broker, settings.worker_timeout_s)
         dramatiq.actor(self._segment, actor_name=ACTOR, queue_name=QUEUE, broker=self.broker)
         self.worker = dramatiq.Worker(self.broker, worker_threads=1, worker_timeout=POLL_MS)
@@ -444,8 +466,8 @@ class SharedWorker:
             def progress(value: float) -> None:
                 store.redis.hset(job_key(job_id), "progress", f"{value:.4f}")
 
-            after = None if self.after_write is None else (lambda files: self.after_write(job, files))
-            self.runner.run(job, scan, progress, self._salt, after_write=after)
+            store_back = job.source is not None and job.source.store_back
+            self.runner.run(job, scan, progress, self._salt, self._store_back if store_back else None)
             owned = store.transition(job_id, JobStatus.done, {"progress": 1.0, "finished": time.time()}, attempt)
             log.info("job %s done in %.2f s%s", job_id, time.time() - start,
                      "" if owned else " (another attempt owns it now; its record is left alone)")
@@ -454,6 +476,26 @@ class SharedWorker:
             log.warning("job %s failed: %s", job_id, type(e).__name__)
         self._delete_upload(folder, data)
         store.record_duration(time.time() - start)
+
+    def _store_back(self, job: Job, _files: dict[str, Path]) -> None:
+        """STOW-RS the job's SEG unless an earlier attempt did; the outcome goes into the record."""
+        from medseg.io.dicomweb import DicomWebError, endpoint_named
+        from medseg.service.pacs import store_job_seg
+
+        source = job.source
+        done_before = (self.store.record(job.id) or {}).get("pacs_stored_sop_uid")
+        if done_before:
+            log.info("job %s: its SEG was stored by an earlier attempt; not stored again", job.id)
+            return
+        try:
+            endpoint = endpoint_named(self.endpoints, source.endpoint)
+        except DicomWebError as e:
+            source.store_error = f"this worker cannot store the SEG: {e}"
+        else:
+            store_job_seg(endpoint, source, job.folder)
+        self.store.redis.hset(job_key(job.id), mapping={
+            "pacs_stored_sop_uid": source.stored_sop_uid or "", "pacs_seg_series_uid": source.seg_series_uid or "",
+            "pacs_store_error": source.store_error or ""})
 
     def _read(self, folder: Path, source: JobInput) -> Scan:
         from medseg.io import MAX_IMAGE_PIXELS, MAX_VOXELS, read_scan
@@ -465,10 +507,14 @@ class SharedWorker:
     @staticmethod
     def _delete_upload(folder: Path, data: dict[str, str]) -> None:
         if data.get("upload"):
-            (folder / data["upload"]).unlink(missing_ok=True)
+            path = folder / data["upload"]
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
-def run_worker(bundle: Path, settings: Any, after_write: Any = None) -> None:
+def run_worker(bundle: Path, settings: Any) -> None:
     """``medseg worker``: load ``bundle`` once on ``settings.device`` and work the shared queue until SIGTERM or
     SIGINT (the running job is finished first; SIGKILL leaves it to another worker)."""
     import signal
@@ -476,7 +522,7 @@ def run_worker(bundle: Path, settings: Any, after_write: Any = None) -> None:
     from medseg.service.app import load_predictor
 
     predictor, _card, _fingerprint = load_predictor(Path(bundle), settings, "")
-    worker = SharedWorker(predictor, settings, after_write=after_write)
+    worker = SharedWorker(predictor, settings)
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: Any) -> None:

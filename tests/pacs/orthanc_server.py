@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+import yaml
 from pydicom.uid import generate_uid
 
 from medseg.inference.deidentify import ensure_uids
@@ -156,3 +157,12 @@ def running_orthanc(datasets_dir: Path, root: Path) -> Iterator[Pacs]:
             proc.wait()
         log.close()
         shutil.rmtree(storage, ignore_errors=True)
+
+
+def write_endpoints_yaml(path: Path, pacs: Pacs) -> Path:
+    """The operator's endpoints file naming the test PACS (its auth header inline, as a site might)."""
+    e = pacs.endpoint
+    path.write_text(yaml.safe_dump({"endpoints": [
+        {"name": e.name, "url": e.url, "auth_header": e.auth_header.get_secret_value() if e.auth_header else None},
+    ]}))
+    return path
