@@ -3,8 +3,9 @@
 
 * 40 jobs submitted across both replicas are all answered by either replica, their masks equal the in-process
   Predictor's, and both workers took jobs.
-* A worker SIGKILLed mid-job: its job comes back through the broker and completes on the other worker (attempt 2),
-  once; the killed worker's other jobs are not lost.
+* A worker SIGKILLed mid-job (a PACS job: the series retrieved from a real Orthanc, the SEG stored back): its job
+  comes back through the broker and completes on the other worker (attempt 2), and Orthanc holds exactly one SEG
+  for it.
 * With no worker alive, the shared queue fills: 429 with Retry-After, /health 503 with queue depth and 0 workers;
   a worker that starts then drains it.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pydicom
 import pytest
 import redis
 import torch
@@ -35,6 +37,7 @@ from medseg.io import read_scan
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests/pacs"))  # the Orthanc fixture of the PACS tests (not a package)
 CLIENT = {"X-Medseg-Client": "tests"}
 WORKER_TIMEOUT_S = 4.0  # a worker silent this long is dead (short, so the test sees the requeue quickly)
 JOB_WAIT_S = 600.0  # the shared 2-core machine is slow; nothing here asserts on time
@@ -68,14 +71,18 @@ class Cluster:
     results: Path
     broker: str
     logs: Path
+    endpoints: Path | None = None  # the DICOMweb endpoints file API replicas and workers read
     apis: list[str] = field(default_factory=list)
     workers: list[subprocess.Popen] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONPATH": str(REPO), "MEDSEG_SERVICE_WORKER_TIMEOUT_S": str(WORKER_TIMEOUT_S),
-                "MEDSEG_SERVICE_BROKER": self.broker, "MEDSEG_SERVICE_RESULTS_DIR": str(self.results),
-                "MEDSEG_SERVICE_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MEDSEG_SERVICE_WORKER_TIMEOUT_S": str(WORKER_TIMEOUT_S),
+               "MEDSEG_SERVICE_BROKER": self.broker, "MEDSEG_SERVICE_RESULTS_DIR": str(self.results),
+               "MEDSEG_SERVICE_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+        if self.endpoints is not None:
+            env["MEDSEG_DICOMWEB_ENDPOINTS"] = str(self.endpoints)
+        return env
 
     def _start(self, args: list[str], name: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - the process writes it until killed
@@ -125,10 +132,22 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def pacs(datasets_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Orthanc with the shared CT series (tests/pacs/orthanc_server.py)."""
+    from orthanc_server import running_orthanc
+
+    with running_orthanc(datasets_dir, tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_url: str, pacs: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    from orthanc_server import write_endpoints_yaml
+
     root = tmp_path_factory.mktemp("scale-out")
     (root / "logs").mkdir()
-    c = Cluster(build_bundle(root / "bundle"), root / "results", redis_url, root / "logs")
+    c = Cluster(build_bundle(root / "bundle"), root / "results", redis_url, root / "logs",
+                endpoints=write_endpoints_yaml(root / "endpoints.yaml", pacs))
     try:
         c.start_worker()
         c.start_worker()
@@ -207,22 +226,16 @@ def test_forty_jobs_across_two_replicas_match_the_in_process_predictor(cluster: 
     assert all(h["workers"] == 2 and h["queue_depth"] == 0 and h["shared_queue"] for h in health)
 
 
-def _dicom_zip(datasets_dir: Path, slices: int) -> bytes:
-    import zipfile
+def test_worker_killed_mid_job_its_job_completes_on_the_other_one_seg_in_the_pacs(cluster: Cluster, pacs: Any,
+                                                                                  datasets_dir: Path) -> None:
+    from medseg.io.dicomweb import find_segs
 
-    files = sorted((datasets_dir / "dicom_ct_series" / "dicom").iterdir())[:slices]
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for f in files:
-            zf.write(f, f"series/{f.name}")
-    return buf.getvalue()
-
-
-def test_worker_killed_mid_job_its_job_completes_on_the_other_once(cluster: Cluster, datasets_dir: Path) -> None:
     store = redis.Redis.from_url(cluster.broker, decode_responses=True)
     api = cluster.apis[0]
-    # A job long enough to be caught running: a CT series, every slice with flip TTA.
-    r = submit(api, "series.zip", _dicom_zip(datasets_dir, 12), tta="flips")
+    study = pacs.ct  # 20 slices of 512 x 512: long enough to be caught running
+    r = httpx.post(f"{api}/v1/segment/dicomweb", json={"endpoint": "test-pacs", "study_uid": study.study_uid,
+                                                       "series_uid": study.series_uid, "store_back": True},
+                   headers=CLIENT, timeout=120)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     deadline = time.monotonic() + JOB_WAIT_S
@@ -233,20 +246,30 @@ def test_worker_killed_mid_job_its_job_completes_on_the_other_once(cluster: Clus
         assert record.get("status") in ("queued", "running"), record
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert not record.get("pacs_stored_sop_uid")  # killed before its SEG reached the PACS
     victim_id = record["worker"]
     victim_pid = int(victim_id.rsplit("-", 2)[1])
     victim = next(p for p in cluster.workers if p.pid == victim_pid)
     os.kill(victim_pid, signal.SIGKILL)
     victim.wait(30)
-    status = wait_finished(cluster.apis[1], job_id)
+
+    status = wait_finished(cluster.apis[1], job_id)  # the other replica answers too
     assert status["status"] == "done", status
+    assert status["pacs"]["stored"] and status["pacs"]["store_error"] is None, status
     record = store.hgetall(f"medseg:job:{job_id}")
     assert record["attempts"] == "2" and record["worker"] != victim_id
-    seg = httpx.get(f"{cluster.apis[1]}/v1/jobs/{job_id}/mask", params={"format": "dicom-seg"}, timeout=30)
-    assert seg.status_code == 200 and seg.headers["content-type"] == "application/dicom"
     survivor = 1 - cluster.workers.index(victim)
     assert any(job_id in line for line in done_lines(cluster, survivor))
     assert not any(job_id in line for line in done_lines(cluster, cluster.workers.index(victim)))
+
+    # Exactly one SEG for this series in Orthanc: one series, one instance, the job's.
+    segs = find_segs(pacs.endpoint, study.study_uid, source_series_uid=study.series_uid)
+    assert [s["SeriesInstanceUID"] for s in segs] == [status["pacs"]["seg_series_uid"]]
+    assert int(segs[0]["NumberOfSeriesRelatedInstances"]) == 1
+    seg = httpx.get(f"{cluster.apis[1]}/v1/jobs/{job_id}/mask", params={"format": "dicom-seg"}, timeout=30)
+    assert seg.status_code == 200
+    assert pydicom.dcmread(io.BytesIO(seg.content)).SOPInstanceUID == status["pacs"]["seg_sop_uid"]
+
     # The survivor still takes new jobs; /health counts one live worker once the victim's heartbeat is stale.
     assert wait_finished(api, submit(api, "a.png", crops(datasets_dir, 1)[0]).json()["job_id"])["status"] == "done"
     assert cluster.wait_ready(api, workers=1)["workers"] == 1
