@@ -69,9 +69,9 @@ COPY app ./app
 COPY configs ./configs
 RUN set -eux; \
     pip install --no-deps --no-build-isolation --no-index .; \
-    python -c "import medseg.cli, medseg.service.app, fastapi, uvicorn, multipart, httpx; print('medseg installed')"; \
+    python -c "import medseg.cli, medseg.service.app, medseg.service.shared_jobs, fastapi, uvicorn, multipart, httpx, dramatiq, redis; print('medseg installed')"; \
     cd / && rm -rf /src; \
-    install -d -o medseg -g medseg /models /home/medseg/.cache /tmp/medseg
+    install -d -o medseg -g medseg /models /results /home/medseg/.cache /tmp/medseg
 
 USER medseg
 WORKDIR /home/medseg

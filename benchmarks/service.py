@@ -1,7 +1,7 @@
 """Load test of the inference service on loopback: concurrent clients each running full segment round trips.
 
     .venv/bin/python benchmarks/service.py [--clients 8] [--requests 20] [--size 96] [--max-queued 4]
-                                           [--bundle BUNDLE] [--device cpu]
+                                           [--bundle BUNDLE] [--device cpu] [--scale-out 2]
 
 Starts ``medseg serve`` as its own process on 127.0.0.1 (a free port), then times, per scenario:
   * ``/health``: plain HTTP requests (the web stack's overhead);
@@ -12,6 +12,11 @@ untrained UNet (ImageNet Lite0 encoder, offline) is built: the speed is the arch
 A small ``--max-queued`` makes the queue fill on purpose, so 429s are expected and counted separately;
 every other non-success is an error. Everything is bounded by ``--deadline`` seconds. Prints tables; asserts
 nothing about time.
+
+``--scale-out N`` measures the shared queue instead: a Redis server (Debian's ``redis-server``) on loopback, one
+API replica (``medseg serve --broker``) and 1, then N ``medseg worker`` processes on this machine, the same
+``segment`` load each time (jobs/s and p95 per worker count). On a CPU the workers split the cores
+(``OMP_NUM_THREADS`` = cores / workers), the way one worker per GPU splits GPUs.
 """
 
 from __future__ import annotations
@@ -82,8 +87,11 @@ def build_bundle(out: Path) -> Path:
     return save_bundle(out, cfg, {"model": model.state_dict()}, preprocessing_record(cfg), "# benchmark bundle\n")
 
 
-def start_server(bundle: Path, port: int, device: str, max_queued: int, work: Path) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, device: str, max_queued: int, work: Path,
+                 broker: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "MEDSEG_SERVICE_WORK_DIR": str(work)}
+    if broker:  # the shared queue: jobs go to `medseg worker` processes, files in the shared folder
+        env.update(MEDSEG_SERVICE_BROKER=broker, MEDSEG_SERVICE_RESULTS_DIR=str(work))
     proc = subprocess.Popen(
         [sys.executable, "-m", "medseg.cli", "serve", str(bundle), "--port", str(port), "--device", device,
          "--max-queued", str(max_queued)],
@@ -94,13 +102,104 @@ def start_server(bundle: Path, port: int, device: str, max_queued: int, work: Pa
         if proc.poll() is not None:
             raise SystemExit(f"medseg serve exited: {proc.stderr.read() if proc.stderr else ''}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code in ((200, 503) if broker else (200,)):
                 return proc
         except httpx.TransportError:
             pass
         time.sleep(0.5)
     proc.kill()
     raise SystemExit("medseg serve did not come up in 180 s")
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
+    """Debian's redis-server on a free loopback port, no persistence; returns it and its URL."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--scale-out needs redis-server (apt-get install redis-server)")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("redis-server did not come up in 30 s")
+
+
+def start_worker(bundle: Path, device: str, broker: str, results: Path, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "MEDSEG_SERVICE_BROKER": broker, "MEDSEG_SERVICE_RESULTS_DIR": str(results),
+           "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen([sys.executable, "-m", "medseg.cli", "worker", str(bundle), "--device", device],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_workers(base: str, n: int, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{base}/health", timeout=5).json().get("workers", 0) == n:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"{n} worker(s) not live after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
+def scale_out(args: argparse.Namespace, console: Console, deadline: float) -> None:
+    """The shared queue with 1, then ``args.scale_out`` workers on this machine: jobs/s and p95 per count."""
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="medseg-bench-scale-") as tmp:
+        tmp_path = Path(tmp)
+        bundle = args.bundle or build_bundle(tmp_path / "bundle")
+        images = crops(args.clients * args.requests, args.size)
+        redis_proc, broker = start_redis(tmp_path / "redis")
+        port = free_port()
+        server = start_server(bundle, port, "cpu", args.max_queued, tmp_path / "results", broker=broker)
+        base = f"http://127.0.0.1:{port}"
+        workers: list[subprocess.Popen] = []
+        table = Table(title=f"shared queue (Redis + Dramatiq) on loopback: 1 API replica, N workers on one machine, "
+                            f"{args.size}² PNG crops, {args.clients} clients × {args.requests} requests, "
+                            f"queue bound {args.max_queued}, {cores} CPU cores split between the workers")
+        for col in ("workers", "threads each", "wall s", "jobs/s", "p50 ms", "p95 ms", "429s", "errors"):
+            table.add_column(col, justify="right")
+        try:
+            for n in sorted({1, args.scale_out}):
+                for w in workers:
+                    stop(w)
+                threads = max(1, cores // n)
+                workers = [start_worker(bundle, args.device, broker, tmp_path / "results", threads) for _ in range(n)]
+                wait_workers(base, n)
+                run_scenario(base, 1, 2, "segment", images, args.size, deadline)  # warm-up: first passes
+                outcome, wall = run_scenario(base, args.clients, args.requests, "segment", images, args.size,
+                                             deadline)
+                lat = sorted(outcome.latencies)
+                table.add_row(str(n), str(threads), f"{wall:.1f}", f"{len(lat) / wall:.2f}",
+                              ms(statistics.median(lat) if lat else None), ms(percentile(lat, 0.95)),
+                              str(outcome.refused_429), str(len(outcome.errors)))
+                for e in sorted(set(outcome.errors))[:5]:
+                    console.print(f"[red]error[/red] {e}", highlight=False)
+            console.print(table)
+        finally:
+            for w in workers:
+                stop(w)
+            stop(server)
+            redis_proc.terminate()
+            redis_proc.wait(30)
 
 
 def segment_round_trip(client: httpx.Client, data: bytes, size: int, outcome: Outcome, deadline: float) -> None:
@@ -192,10 +291,15 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--deadline", type=float, default=900.0, help="seconds for the whole run at most")
+    ap.add_argument("--scale-out", type=int, default=0, metavar="N",
+                    help="measure the shared queue with 1 and N workers instead (needs redis-server)")
     args = ap.parse_args()
 
     console = Console(width=160)
     deadline = time.monotonic() + args.deadline
+    if args.scale_out:
+        scale_out(args, console, deadline)
+        return
     with tempfile.TemporaryDirectory(prefix="medseg-bench-service-") as tmp:
         tmp_path = Path(tmp)
         bundle = args.bundle or build_bundle(tmp_path / "bundle")

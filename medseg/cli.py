@@ -393,6 +393,8 @@ def serve(
     max_voxels: Annotated[int | None, typer.Option(help="Largest scan decoded, in voxels (default: from the model and memory)")] = None,
     memory_budget_mb: Annotated[int | None, typer.Option(help="MB of decoded scans the queue may hold (default: a quarter of memory)")] = None,
     job_timeout: Annotated[float | None, typer.Option(help="Compute seconds one job may take (default 600)")] = None,
+    broker: Annotated[str | None, typer.Option(help="Redis URL of a shared job queue worked by `medseg worker` processes (default: none, one process)")] = None,
+    results_dir: Annotated[Path | None, typer.Option(help="With --broker: the folder API replicas and workers share")] = None,
 ) -> None:
     """Inference service (FastAPI + uvicorn): POST /v1/segment, GET /v1/jobs/{id} and its mask, report and uncertainty."""
     from medseg.service.server import serve as run_server
@@ -401,7 +403,7 @@ def serve(
     try:
         settings = ServiceSettings.from_env(
             device=device, backend=backend, max_queued=max_queued, job_ttl_s=job_ttl, max_voxels=max_voxels,
-            job_timeout_s=job_timeout,
+            job_timeout_s=job_timeout, broker=broker, results_dir=results_dir,
             max_upload_bytes=max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
             memory_budget_bytes=memory_budget_mb * 1024 * 1024 if memory_budget_mb is not None else None,
         )
@@ -412,6 +414,30 @@ def serve(
         run_server(bundle, host=host, port=port, settings=settings)
     except MedsegError as e:
         _fail(e)
+
+
+@app.command()
+def worker(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip), the same the API serves", envvar="MEDSEG_BUNDLE")],
+    broker: Annotated[str | None, typer.Option(help="Redis URL of the shared queue, e.g. redis://queue:6379/0 (env MEDSEG_SERVICE_BROKER)")] = None,
+    results_dir: Annotated[Path | None, typer.Option(help="Folder shared with the API replicas (env MEDSEG_SERVICE_RESULTS_DIR)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N: one worker per GPU")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto | torch | compile | onnxruntime (default: the bundle's)")] = None,
+    job_timeout: Annotated[float | None, typer.Option(help="Compute seconds one job may take (default 600)")] = None,
+) -> None:
+    """Inference worker for the shared job queue: takes jobs that `medseg serve` replicas (with a broker) queued."""
+    from medseg.service.settings import ServiceSettings
+    from medseg.service.shared_jobs import run_worker
+
+    try:
+        settings = ServiceSettings.from_env(broker=broker, results_dir=results_dir, device=device, backend=backend,
+                                            job_timeout_s=job_timeout)
+        if not settings.broker or not settings.results_dir:
+            raise ValueError("medseg worker needs --broker (MEDSEG_SERVICE_BROKER) and --results-dir "
+                             "(MEDSEG_SERVICE_RESULTS_DIR)")
+        run_worker(bundle, settings)
+    except (ValueError, MedsegError) as e:
+        _fail(e if isinstance(e, MedsegError) else MedsegError(str(e)))
 
 
 @app.command("app")

@@ -57,7 +57,7 @@ from medseg.service.budget import (
     machine_memory_bytes,
 )
 from medseg.service.guards import LOOPBACK_HOSTS, CallerGuard
-from medseg.service.jobs import Job, JobQueue, JobStatus, QueueFullError
+from medseg.service.jobs import Job, JobInput, Jobs, JobStatus, QueueFullError, make_jobs
 from medseg.service.limits import RequestBodyLimits
 from medseg.service.results import (
     MASK_DICOM_SEG,
@@ -128,6 +128,9 @@ class HealthOut(BaseModel):
     model: str
     device: str
     jobs: dict[str, int]
+    queue_depth: int = Field(description="jobs waiting for a worker")
+    workers: int = Field(description="live inference workers (heartbeats); 1 for the in-process queue")
+    shared_queue: bool = Field(description="jobs go through a broker to medseg worker processes")
     max_queued: int
     max_voxels: int
     memory_budget_bytes: int
@@ -174,7 +177,7 @@ class Service:
     """What the routes share: the settings, the job queue, the memory budget and the model's description."""
 
     settings: ServiceSettings
-    jobs: JobQueue
+    jobs: Jobs
     budget: MemoryBudget
     voxel_cap: int
     model_info: ModelOut
@@ -212,10 +215,10 @@ def load_predictor(predictor: Any, settings: ServiceSettings, model_card: str
 def build_service(predictor: Predictor, settings: ServiceSettings, model_card: str,
                   fingerprint: dict[str, Any] | None = None) -> Service:
     """The job queue in its work folder, and the memory budget and voxel cap that keep a scan from taking more."""
-    own_work_dir = settings.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="medseg-service-")) if own_work_dir else Path(settings.work_dir)
-    jobs = JobQueue(predictor, work_dir, settings.max_queued, settings.job_ttl_s, settings.max_jobs,
-                    settings.job_timeout_s)
+    own_work_dir = settings.work_dir is None and not settings.broker  # with a broker: files in results_dir
+    work_dir = (Path(tempfile.mkdtemp(prefix="medseg-service-")) if own_work_dir
+                else Path(settings.results_dir if settings.broker else settings.work_dir))  # type: ignore[arg-type]
+    jobs = make_jobs(predictor, settings, work_dir)
     memory = machine_memory_bytes()
     budget = MemoryBudget(settings.memory_budget_bytes or int(memory * MEMORY_FRACTION_QUEUED), jobs.retry_after)
     # A scan under the cap must fit into an empty budget, or a retry could never succeed.
@@ -294,10 +297,12 @@ def add_upload_route(app: FastAPI, service: Service) -> None:
                     check_result_shape(upload.path.name, shape)
                     reservation.admit(shape, components)
 
+                stored = JobInput(upload.path.name, series_uid, allow_missing_slices, service.voxel_cap,
+                                  min(service.voxel_cap, MAX_IMAGE_PIXELS))
                 try:
-                    scan = read_upload(upload, series_uid, max_voxels=service.voxel_cap,
-                                       max_pixels=min(service.voxel_cap, MAX_IMAGE_PIXELS), admit=admit,
-                                       allow_missing_slices=allow_missing_slices)
+                    scan = read_upload(upload, series_uid, max_voxels=stored.max_voxels,
+                                       max_pixels=stored.max_pixels, admit=admit,
+                                       allow_missing_slices=allow_missing_slices, keep=True)
                 except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
                     raise
@@ -306,7 +311,7 @@ def add_upload_route(app: FastAPI, service: Service) -> None:
                 raise IncompatibleScanError(f"The scan does not fit this model: {fit.text()} "
                                             "Send run_anyway=true to segment it anyway.")
             job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation, anonymize,
-                              compatibility=fit.problems, run_anyway=run_anyway)
+                              compatibility=fit.problems, run_anyway=run_anyway, stored_input=stored)
         except BaseException as e:
             reservation.release()
             shutil.rmtree(folder, ignore_errors=True)
@@ -388,11 +393,16 @@ def add_model_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
     def health() -> JSONResponse:
-        """Liveness: 200 while the inference worker runs, 503 if it died."""
+        """Liveness: 200 while an inference worker runs, 503 if none does (or the broker cannot be reached)."""
         alive = service.jobs.is_alive()
         settings, budget = service.settings, service.budget
+        try:
+            counts, depth, workers = service.jobs.counts(), service.jobs.queue_depth(), service.jobs.live_workers()
+        except Exception:  # the broker is unreachable: 503 with what is known, not a traceback
+            counts, depth, workers = {}, 0, 0
         body = HealthOut(status="ok" if alive else "degraded", model=service.model_info.name,
-                         device=service.model_info.device, jobs=service.jobs.counts(), max_queued=settings.max_queued,
+                         device=service.model_info.device, jobs=counts, queue_depth=depth, workers=workers,
+                         shared_queue=bool(settings.broker), max_queued=settings.max_queued,
                          max_voxels=service.voxel_cap, memory_budget_bytes=budget.limit_bytes,
                          memory_used_bytes=budget.used_bytes, job_timeout_s=settings.job_timeout_s)
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if alive else 503)

@@ -1,7 +1,13 @@
-"""Jobs: a bounded FIFO worked by one thread that owns the model, and a TTL on everything a job leaves.
+"""Jobs: one interface (``JobQueue``'s methods, the ``Jobs`` protocol) with two implementations, chosen by
+``make_jobs`` from the settings:
 
-One worker thread per process: the model is loaded once and a GPU runs one scan at a time anyway, so more
-threads would only add contention; scale out with more processes/replicas (see README "Scaling").
+* ``JobQueue`` (default, one machine): a bounded FIFO in memory worked by one thread that owns the model, and
+  a TTL on everything a job leaves. One worker thread per process: the model is loaded once and a GPU runs one
+  scan at a time anyway, so more threads would only add contention.
+* ``medseg.service.shared_jobs.SharedJobs`` (``MEDSEG_SERVICE_BROKER=redis://...``): jobs in Redis through
+  Dramatiq, worked by ``medseg worker`` processes (one per GPU, any machine), files in a shared folder.
+
+Both run a job with ``JobRunner`` (predict, time limit, result files), so a job's files are the same either way.
 
 Time limit: the model runs in the worker thread, which Python cannot interrupt from outside, so cancellation
 is cooperative. A job's deadline is checked by its progress callback (after every model pass: each TTA view,
@@ -29,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medseg.config import TTAMode
 from medseg.errors import MedsegError
@@ -84,6 +90,19 @@ class QueueFullError(Exception):
         self.retry_after = retry_after
 
 
+@dataclass(frozen=True)
+class JobInput:
+    """How a worker reads the job's stored input again (a worker on another machine gets the file, not the Scan):
+    ``upload``: its file (or folder: a series retrieved from a PACS) in the job folder; the reader options the
+    API used."""
+
+    upload: str
+    series_uid: str | None = None
+    allow_missing_slices: bool = False
+    max_voxels: int | None = None
+    max_pixels: int | None = None
+
+
 @dataclass
 class Job:
     id: str
@@ -114,6 +133,93 @@ class Job:
         return out
 
 
+class Jobs(Protocol):
+    """What the routes use of a job queue; ``JobQueue`` and ``SharedJobs`` implement it."""
+
+    predictor: Any  # the model's description (config, labels, hashes); only workers run it
+
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 30.0) -> None: ...
+    def is_alive(self) -> bool: ...
+    def new_folder(self) -> tuple[str, Path]: ...
+    def is_full(self) -> bool: ...
+    def retry_after(self) -> int: ...
+    def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
+               reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
+               run_anyway: bool = False, source: Any = None,
+               after_results: Callable[[Job, dict[str, Path]], None] | None = None,
+               stored_input: JobInput | None = None) -> Job: ...
+    def get(self, job_id: str) -> Job | None: ...
+    def counts(self) -> dict[str, int]: ...
+    def queue_depth(self) -> int: ...
+    def live_workers(self) -> int: ...
+
+
+class JobRunner:
+    """Runs one job at a time on ``predictor`` and writes its result files; enforces the compute time limit.
+
+    The deadline is checked by the progress callback and by a forward pre-hook on every ensemble member, but
+    only in the thread running the job (another thread using the same predictor is not stopped)."""
+
+    def __init__(self, predictor: Any, job_timeout_s: float = math.inf):
+        self.predictor = predictor
+        self.job_timeout_s = job_timeout_s
+        self._deadline: float | None = None  # of the running job (monotonic clock); None while idle
+        self._owner: threading.Thread | None = None
+        self._hooks = [
+            member.register_forward_pre_hook(self._check_deadline_hook)
+            for member in getattr(predictor, "members", None) or []
+            if hasattr(member, "register_forward_pre_hook")
+        ]
+
+    def close(self) -> None:
+        for hook in self._hooks:  # the predictor may outlive the queue (tests, reloads)
+            hook.remove()
+        self._hooks = []
+
+    def check_deadline(self) -> None:
+        deadline = self._deadline
+        if deadline is not None and time.monotonic() > deadline and threading.current_thread() is self._owner:
+            raise JobTimeoutError(
+                f"the job ran past the service's compute time limit of {self.job_timeout_s:g} s "
+                "(job_timeout_s) and was stopped"
+            )
+
+    def _check_deadline_hook(self, _module: Any, _inputs: Any) -> None:
+        self.check_deadline()
+
+    def run(self, job: Job, scan: Scan, progress: Callable[[float], None], salt: str,
+            after_results: Callable[[Job, dict[str, Path]], None] | None = None) -> None:
+        """Predict ``scan`` and write the files into ``job.folder``; ``progress(fraction)`` gets 0.05..0.95.
+        ``after_results(job, files)`` runs inside the time limit (storing the SEG back to a PACS). A job from a
+        PACS (``job.source``) gets SEG UIDs derived from its id, so a rerun writes the same SEG instance.
+        Raises what failed."""
+        self._owner = threading.current_thread()
+        self._deadline = time.monotonic() + self.job_timeout_s if math.isfinite(self.job_timeout_s) else None
+
+        def report(fraction: float) -> None:
+            self.check_deadline()
+            progress(min(0.95, 0.05 + 0.9 * float(fraction)))  # 1.0 only once the files are written
+
+        try:
+            pred = self.predictor.predict_scan(scan, tta=job.tta, progress=report)
+            self.check_deadline()
+            progress(0.95)
+            info = {
+                "job_id": job.id, "upload_sha256": job.sha256, "model": self.predictor.name,
+                "weights_hash": self.predictor.weights_hash, "tta": str(self.predictor.tta_mode(job.tta)),
+                "run_anyway": job.run_anyway, "compatibility_problems": list(job.compatibility),
+            }
+            files = write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info,
+                                  label_map=self.predictor.cfg.data.label_map, anonymize=job.anonymize, salt=salt,
+                                  uid_key=job.id if job.source is not None else None)
+            if after_results is not None:
+                after_results(job, files)
+        finally:
+            self._deadline = None
+            self._owner = None
+
+
 class JobQueue:
     """``submit`` a scan, the worker predicts it and writes the result files into the job's folder.
 
@@ -130,7 +236,6 @@ class JobQueue:
         self.predictor = predictor
         self.job_timeout_s = job_timeout_s
         self.salt = secrets.token_hex(16)  # hashes DICOM UIDs of anonymized SEGs; never leaves this process
-        self._deadline: float | None = None  # of the running job (monotonic clock); None while idle
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
@@ -151,11 +256,7 @@ class JobQueue:
         self._stop = threading.Event()
         self._seconds_per_job = 1.0  # running estimate for Retry-After
         self._thread = threading.Thread(target=self._work, name="medseg-inference", daemon=True)
-        self._hooks = [
-            member.register_forward_pre_hook(self._check_deadline_hook)
-            for member in getattr(predictor, "members", None) or []
-            if hasattr(member, "register_forward_pre_hook")
-        ]
+        self._runner = JobRunner(predictor, job_timeout_s)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -168,23 +269,8 @@ class JobQueue:
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
-        for hook in self._hooks:  # the predictor may outlive this queue (tests, reloads)
-            hook.remove()
-        self._hooks = []
+        self._runner.close()
         self._lock_file.close()  # releases the work_dir lock
-
-    # ----------------------------------------------------------------------------------------- time limit
-
-    def _check_deadline(self) -> None:
-        deadline = self._deadline
-        if deadline is not None and time.monotonic() > deadline and threading.current_thread() is self._thread:
-            raise JobTimeoutError(
-                f"the job ran past the service's compute time limit of {self.job_timeout_s:g} s "
-                "(job_timeout_s) and was stopped"
-            )
-
-    def _check_deadline_hook(self, _module: Any, _inputs: Any) -> None:
-        self._check_deadline()
 
     # --------------------------------------------------------------------------------------------- API
 
@@ -205,9 +291,13 @@ class JobQueue:
     def submit(self, job_id: str, folder: Path, scan: Scan, sha256: str, tta: TTAMode | None,
                reservation: Any = None, anonymize: bool = False, compatibility: tuple[str, ...] = (),
                run_anyway: bool = False, source: Any = None,
-               after_results: Callable[[Job, dict[str, Path]], None] | None = None) -> Job:
+               after_results: Callable[[Job, dict[str, Path]], None] | None = None,
+               stored_input: JobInput | None = None) -> Job:
         """Queue a scan for prediction; raises ``QueueFullError`` (the caller deletes ``folder`` and releases
-        ``reservation``; once queued, the worker releases it when the job ends)."""
+        ``reservation``; once queued, the worker releases it when the job ends). The worker here gets ``scan``
+        itself, so the stored input file (``stored_input``) is deleted at once."""
+        if stored_input is not None:
+            _delete(folder / stored_input.upload)
         job = Job(job_id, folder, sha256, tta, anonymize, is_volume=scan.is_volume,
                   is_dicom=scan.meta.get("format") == "dicom", scan=scan, reservation=reservation,
                   compatibility=tuple(compatibility), run_anyway=run_anyway, source=source,
@@ -234,6 +324,12 @@ class JobQueue:
                 out[str(j.status)] += 1
         return out
 
+    def queue_depth(self) -> int:
+        return self._pending.qsize()
+
+    def live_workers(self) -> int:
+        return int(self._thread.is_alive())
+
     # ---------------------------------------------------------------------------------------- worker
 
     def _work(self) -> None:
@@ -246,40 +342,23 @@ class JobQueue:
             self._run(job)
             self.purge()
 
-    def _progress(self, job: Job) -> Callable[[float], None]:
-        def report(fraction: float) -> None:
-            self._check_deadline()
-            job.progress = min(0.95, 0.05 + 0.9 * float(fraction))  # 1.0 only once the files are written
-
-        return report
-
     def _run(self, job: Job) -> None:
         start = time.time()
         job.status, job.progress = JobStatus.running, 0.05
         scan = job.scan
         assert scan is not None
-        self._deadline = time.monotonic() + self.job_timeout_s if math.isfinite(self.job_timeout_s) else None
+
+        def progress(value: float) -> None:
+            job.progress = value
+
         try:
-            pred = self.predictor.predict_scan(scan, tta=job.tta, progress=self._progress(job))
-            self._check_deadline()
-            job.progress = 0.95
-            info = {
-                "job_id": job.id, "upload_sha256": job.sha256, "model": self.predictor.name,
-                "weights_hash": self.predictor.weights_hash, "tta": str(self.predictor.tta_mode(job.tta)),
-                "run_anyway": job.run_anyway, "compatibility_problems": list(job.compatibility),
-            }
-            written = write_results(job.folder, scan, pred.mask, pred.uncertainty, self.predictor.labels, info,
-                                    label_map=self.predictor.cfg.data.label_map, anonymize=job.anonymize,
-                                    salt=self.salt, uid_key=job.id if job.source is not None else None)
-            if job.after_results is not None:
-                job.after_results(job, written)
+            self._runner.run(job, scan, progress, self.salt, job.after_results)
             job.status, job.progress = JobStatus.done, 1.0
             log.info("job %s done in %.2f s", job.id, time.time() - start)
         except Exception as e:  # a broken scan or a writer bug fails this job, never the worker
             job.status, job.error = JobStatus.failed, public_error(e)
             log.warning("job %s failed: %s", job.id, type(e).__name__)
         finally:
-            self._deadline = None
             job.scan = None  # free the pixels (and DICOM headers) now; the files stay until the TTL
             if job.reservation is not None:
                 job.reservation.release()
@@ -307,3 +386,20 @@ class JobQueue:
         if expired:
             log.info("purged %d finished job(s)", len(expired))
         return [j.id for j in expired]
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def make_jobs(predictor: Any, settings: Any, work_dir: Path) -> Jobs:
+    """The shared queue when ``settings.broker`` is set (``SharedJobs``), else the in-process ``JobQueue``."""
+    if settings.broker:
+        from medseg.service.shared_jobs import SharedJobs
+
+        return SharedJobs(predictor, settings)
+    return JobQueue(predictor, work_dir, settings.max_queued, settings.job_ttl_s, settings.max_jobs,
+                    settings.job_timeout_s)

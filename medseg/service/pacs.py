@@ -41,6 +41,7 @@ from medseg.io.dicomweb import (
     store_seg,
 )
 from medseg.service.budget import DECODED_BYTES_PER_SAMPLE
+from medseg.service.jobs import JobInput
 from medseg.service.results import MASK_DICOM_SEG, check_result_shape
 
 log = logging.getLogger("medseg.service")
@@ -139,12 +140,13 @@ def add_pacs_routes(app: FastAPI, service: Any) -> None:
                     check_result_shape("series", shape)
                     reservation.admit(shape, components)
 
-                try:
-                    scan = read_scan(folder / "series", body.series_uid, max_voxels=service.voxel_cap,
-                                     max_pixels=min(service.voxel_cap, MAX_IMAGE_PIXELS), untrusted=True,
-                                     admit=admit, allow_missing_slices=body.allow_missing_slices)
-                finally:
-                    shutil.rmtree(folder / "series", ignore_errors=True)  # the Scan holds pixels and headers
+                # The series stays in the job folder until the queue takes the job: the in-process queue deletes
+                # it (the Scan holds pixels and headers), a shared queue's worker reads it again.
+                stored = JobInput("series", body.series_uid, body.allow_missing_slices, service.voxel_cap,
+                                  min(service.voxel_cap, MAX_IMAGE_PIXELS))
+                scan = read_scan(folder / "series", body.series_uid, max_voxels=stored.max_voxels,
+                                 max_pixels=stored.max_pixels, untrusted=True, admit=admit,
+                                 allow_missing_slices=body.allow_missing_slices)
             fit = check_scan(scan, service.fingerprint, jobs.predictor.cfg.data)
             if not fit.ok and not body.run_anyway:
                 raise IncompatibleScanError(f"The scan does not fit this model: {fit.text()} "
@@ -153,7 +155,7 @@ def add_pacs_routes(app: FastAPI, service: Any) -> None:
             after = (lambda job, _written: store_job_seg(endpoint, source, job.folder)) if body.store_back else None
             job = jobs.submit(job_id, folder, scan, digest.hexdigest(), body.tta, reservation,
                               compatibility=fit.problems, run_anyway=body.run_anyway, source=source,
-                              after_results=after)
+                              after_results=after, stored_input=stored)
         except BaseException as e:
             reservation.release()
             shutil.rmtree(folder, ignore_errors=True)

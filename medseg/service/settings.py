@@ -32,8 +32,15 @@ class ServiceSettings:
     connection or the previous request) and longest pause while its body arrives;
     ``upload_timeout_s``: longest time a whole request body may take (a half-sent upload gets 408).
 
+    Many workers (``medseg.service.shared_jobs``): ``broker``: a Redis URL (``redis://host:6379/0``); set, the
+    API only queues jobs there and ``medseg worker`` processes (one per GPU, any machine) run them; None: one
+    process, in-memory queue (the default). ``results_dir``: the folder every API replica and worker shares
+    (uploads and result files by job id; required with a broker). ``worker_timeout_s``: a worker silent this
+    long is dead: its job goes back to the queue for another worker. ``max_attempts``: deliveries of one job at
+    most (a scan that kills every worker that takes it fails after that many).
+
     ``dicomweb_endpoints``: the YAML file of DICOMweb endpoints jobs may name (``medseg.io.dicomweb``); None:
-    ``$MEDSEG_DICOMWEB_ENDPOINTS`` (the app's variable), else none."""
+    ``$MEDSEG_DICOMWEB_ENDPOINTS`` (the app's variable), else none. Workers read the same file to store SEGs."""
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_queued: int = 16
@@ -49,6 +56,10 @@ class ServiceSettings:
     api_token: str | None = None
     read_timeout_s: float = 30.0
     upload_timeout_s: float = 900.0
+    broker: str | None = None
+    results_dir: Path | None = None
+    worker_timeout_s: float = 60.0
+    max_attempts: int = 3
     dicomweb_endpoints: Path | None = None
 
     @classmethod

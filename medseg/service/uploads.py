@@ -98,13 +98,15 @@ def store_upload(stream: BinaryIO, client_name: str | None, folder: Path, max_by
 
 def read_upload(upload: StoredUpload, series_uid: str | None = None, *, max_voxels: int = MAX_VOXELS,
                 max_pixels: int = MAX_IMAGE_PIXELS, admit: Admit | None = None,
-                allow_missing_slices: bool = False) -> Scan:
+                allow_missing_slices: bool = False, keep: bool = False) -> Scan:
     """Read a stored upload as a Scan (errors name ``upload<suffix>`` and the problem); the file is removed
-    afterwards, since the Scan holds everything prediction needs (DICOM headers included, without pixels).
+    afterwards, since the Scan holds everything prediction needs (DICOM headers included, without pixels),
+    unless ``keep`` (the shared job queue: a worker on another machine reads the file again).
     Read in the readers' untrusted mode (only voxel data inside the upload itself), with the service's caps;
     ``admit`` is asked before anything is decoded (see ``read_scan``)."""
     try:
         return read_scan(upload.path, series_uid=series_uid, max_voxels=max_voxels, max_pixels=max_pixels,
                          untrusted=True, admit=admit, allow_missing_slices=allow_missing_slices)
     finally:
-        upload.path.unlink(missing_ok=True)
+        if not keep:
+            upload.path.unlink(missing_ok=True)

@@ -1,8 +1,9 @@
-"""Fixtures for scale-out tests: a throwaway PostgreSQL server on 127.0.0.1 and a tiny real dataset.
+"""Fixtures for scale-out tests: throwaway PostgreSQL and Redis servers on 127.0.0.1 and a tiny real dataset.
 
 PostgreSQL comes from Debian's ``postgresql`` package (``/usr/lib/postgresql/15/bin``; ``MEDSEG_PG_BIN`` to
 override). The cluster lives in a fresh temp folder and is removed afterwards. PostgreSQL refuses to run as
-root, so under root (CI) initdb/pg_ctl run as the unprivileged ``nobody`` user.
+root, so under root (CI) initdb/pg_ctl run as the unprivileged ``nobody`` user. Redis comes from Debian's
+``redis-server`` (no persistence, its folder in a temp dir).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,3 +89,39 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Image.fromarray(image[y : y + CROP, x : x + CROP]).save(root / "images" / f"{p.stem}.png")
         Image.fromarray(mask[y : y + CROP, x : x + CROP]).save(root / "masks" / f"{p.stem}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """URL of a fresh Redis server on 127.0.0.1 (no persistence), stopped and removed after the module."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found: apt-get install redis-server")
+    root = Path(tempfile.mkdtemp(prefix="medseg-redis-"))
+    port = _free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(root), "--save", "",
+                             "--appendonly", "no", "--protected-mode", "yes"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
