@@ -126,12 +126,14 @@ def _load_model(settings, model):
 
 
 def series_label(s) -> str:
-    """A series as a clinician recognises it: description, modality, slice count, size (the UID last, short)."""
+    """A series as a clinician recognises it: description, modality, when it was acquired (series date and time,
+    else the study's), slice count, size (the UID last, short). Never a patient's name, ID or birth date."""
     rows, cols = s.size
     number = f"series {s.series_number} · " if s.series_number is not None else ""
+    acquired = f"{s.acquired} · " if getattr(s, "acquired", "") else ""
     uid = f" · …{s.uid[-8:]}" if s.uid else ""
-    return f"{s.description or 'no description'} · {s.modality or '?'} · {s.num_slices} slices of {rows}×{cols} · " \
-           f"{number}".rstrip(" ·") + uid
+    return f"{s.description or 'no description'} · {s.modality or '?'} · {acquired}{s.num_slices} slices of " \
+           f"{rows}×{cols} · {number}".rstrip(" ·") + uid
 
 
 def _choose_series(upload, series) -> str | None:
