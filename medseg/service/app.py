@@ -177,6 +177,7 @@ class Service:
     work_dir: Path
     own_work_dir: bool
     fingerprint: dict[str, Any] | None = None  # the training data's summary, what uploads are checked against
+    finetune: Any = None  # medseg.service.finetune.FinetuneJobs when fine-tuning is on
     reads: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(_PARALLEL_READS))
 
     def finished_job(self, job_id: str) -> Job:
@@ -231,6 +232,8 @@ def _lifespan(service: Service):
         try:
             yield
         finally:
+            if service.finetune is not None:
+                service.finetune.stop()
             service.jobs.stop()
             if service.own_work_dir:
                 shutil.rmtree(service.work_dir, ignore_errors=True)
@@ -397,6 +400,7 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     """The service over one loaded model. ``predictor``: a ``Predictor`` or a bundle path (loaded here, once,
     on ``settings.device``; its model card is served too). The job worker starts with the app, stops with it."""
     settings = settings or ServiceSettings()
+    bundle_path = Path(predictor) if isinstance(predictor, (str, Path)) else None
     predictor, model_card, fingerprint = load_predictor(predictor, settings, model_card)
     service = build_service(predictor, settings, model_card, fingerprint)
     app = FastAPI(
@@ -412,4 +416,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     add_upload_route(app, service)
     add_job_routes(app, service)
     add_model_routes(app, service)
+    if settings.finetune_dir is not None and bundle_path is not None:  # fine-tunes and serves the bundle's versions
+        from medseg.service.finetune import add_finetune_routes
+
+        service.finetune = add_finetune_routes(app, bundle_path, settings, service.work_dir, ERRORS)
     return app

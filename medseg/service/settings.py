@@ -30,7 +30,11 @@ class ServiceSettings:
     ``medseg serve`` listens beyond loopback (with a warning). ``api_token``: when set, every /v1 request needs
     ``Authorization: Bearer <token>``. ``read_timeout_s``: longest wait for a request's headers (from the
     connection or the previous request) and longest pause while its body arrives;
-    ``upload_timeout_s``: longest time a whole request body may take (a half-sent upload gets 408)."""
+    ``upload_timeout_s``: longest time a whole request body may take (a half-sent upload gets 408).
+
+    Fine-tuning (``medseg.service.finetune``): ``finetune_dir``: where fine-tuned versions of the served bundle are
+    written and served from (None: fine-tuning is off); ``finetune_max_minutes``: the largest training budget a
+    client may ask for."""
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_queued: int = 16
@@ -46,6 +50,8 @@ class ServiceSettings:
     api_token: str | None = None
     read_timeout_s: float = 30.0
     upload_timeout_s: float = 900.0
+    finetune_dir: Path | None = None
+    finetune_max_minutes: float = 30.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServiceSettings:
