@@ -113,7 +113,8 @@ def _sidebar(settings):
 
 def _load_model(settings, model):
     try:
-        predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path)
+        predictor = get_predictor(inference_url=model.inference_url, bundle_path=model.bundle_path,
+                                  version=model.remote_version)
     except MedsegError as e:
         input_error(f"The model cannot be loaded: {e}")
     except Exception as e:  # remote service down, corrupt weights: say what, keep the page alive
@@ -121,7 +122,7 @@ def _load_model(settings, model):
         input_error(f"The model cannot be loaded ({type(e).__name__}). Ask your administrator to check the server.")
     with st.sidebar:
         model_details(describe(predictor, model.bundle))
-        finetune_panel(model.bundle, model.bundle_path, settings, st.session_state.get(REVIEWER))
+        finetune_panel(model, settings, st.session_state.get(REVIEWER))
     return predictor
 
 

@@ -95,6 +95,7 @@ class RemotePredictor:
         self.model_card: str = info.get("model_card", "")
         self.label_map: dict[int, int] = {int(k): int(v) for k, v in info["label_map"].items()}
         self._device = info["device"]
+        self.version: str = ""  # the version number when known (the app sets it from GET /v1/versions)
 
     @property
     def device(self):
