@@ -10,6 +10,9 @@ GET  /v1/jobs/{id}/report        measurements per label (area mm² for 2D, volum
 GET  /v1/models                  the loaded model: name, weights hash, labels, device
 GET  /health                     liveness + queue depth
 GET  /openapi.json, /docs        schema
+POST /v1/finetune, GET /v1/finetune/{id}, GET /v1/versions, /versions/{name}/v1/...
+                                 fine-tuning on uploaded reviews and the versions it served (``finetune_dir`` set;
+                                 see ``medseg.service.finetune``)
 ```
 POSTs need the ``X-Medseg-Client`` header, and with an API token every /v1 request its bearer token
 (``medseg.service.guards``). Errors are JSON ``{"error": "..."}``: 401 no/wrong token, 403 no client header,
