@@ -58,7 +58,10 @@ def _data_url(rgb: np.ndarray) -> str:
 def toolbar(result: Result, suffix: str, colors: dict[int, str]) -> tuple[str, int, float, bool]:
     """(tool, label, brush radius in slice pixels, prompt removes) from the editing controls."""
     labels = [i for i in colors]
-    tool = TOOLS[st.segmented_control("Tool", list(TOOLS), default="Brush", required=True, key=f"tool_{suffix}")]
+    # wrap=True: placed directly in a column, Streamlit keeps a segmented control on one row and scrolls it sideways
+    # (the six tools did at 1440 px); wrapped, every tool stays visible.
+    tool = TOOLS[st.segmented_control("Tool", list(TOOLS), default="Brush", required=True, key=f"tool_{suffix}",
+                                      wrap=True)]
     label = st.selectbox("Label", labels, key=f"edit_label_{suffix}",
                          format_func=lambda i: result.info.labels.get(i, {}).get("name", f"label {i}"))
     radius = st.slider("Brush size (px)", 1, 40, 4, key=f"brush_{suffix}",
@@ -67,7 +70,7 @@ def toolbar(result: Result, suffix: str, colors: dict[int, str]) -> tuple[str, i
     if tool == "prompt":
         prompt_remove = st.segmented_control(
             "Click adds or removes", ["Add region", "Remove region"], default="Add region", required=True,
-            key=f"prompt_mode_{suffix}", help="Shift-click does the other one.") == "Remove region"
+            key=f"prompt_mode_{suffix}", help="Shift-click does the other one.", wrap=True) == "Remove region"
     undo_col, redo_col = st.columns(2)
     history = result.history
     undo_col.button("Undo", key="edit_undo", icon=":material/undo:", disabled=not history.done,

@@ -118,7 +118,8 @@ def _sidebar(settings):
 
 def _load_model(settings, model):
     try:
-        predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path)
+        predictor = get_predictor(inference_url=model.inference_url, bundle_path=model.bundle_path,
+                                  version=model.remote_version)
     except MedsegError as e:
         input_error(f"The model cannot be loaded: {e}")
     except Exception as e:  # remote service down, corrupt weights: say what, keep the page alive
@@ -126,17 +127,19 @@ def _load_model(settings, model):
         input_error(f"The model cannot be loaded ({type(e).__name__}). Ask your administrator to check the server.")
     with st.sidebar:
         model_details(describe(predictor, model.bundle))
-        finetune_panel(model.bundle, model.bundle_path, settings, st.session_state.get(REVIEWER))
+        finetune_panel(model, settings, st.session_state.get(REVIEWER))
     return predictor
 
 
 def series_label(s) -> str:
-    """A series as a clinician recognises it: description, modality, slice count, size (the UID last, short)."""
+    """A series as a clinician recognises it: description, modality, when it was acquired (series date and time,
+    else the study's), slice count, size (the UID last, short). Never a patient's name, ID or birth date."""
     rows, cols = s.size
     number = f"series {s.series_number} · " if s.series_number is not None else ""
+    acquired = f"{s.acquired} · " if getattr(s, "acquired", "") else ""
     uid = f" · …{s.uid[-8:]}" if s.uid else ""
-    return f"{s.description or 'no description'} · {s.modality or '?'} · {s.num_slices} slices of {rows}×{cols} · " \
-           f"{number}".rstrip(" ·") + uid
+    return f"{s.description or 'no description'} · {s.modality or '?'} · {acquired}{s.num_slices} slices of " \
+           f"{rows}×{cols} · {number}".rstrip(" ·") + uid
 
 
 def _choose_series(upload, series) -> str | None:

@@ -67,21 +67,29 @@ def _local_predictor(path: str, stamp: float) -> ScanPredictor:
 
 
 @st.cache_resource(show_spinner="Connecting to the inference service…")
-def _remote_predictor(url: str) -> ScanPredictor:
+def _remote_predictor(url: str, version: str = "") -> ScanPredictor:
     from medseg.service.client import RemotePredictor
 
-    return RemotePredictor(url)
+    predictor = RemotePredictor(url)
+    predictor.version = version  # known from the service's version list, not from the version's own API
+    return predictor
+
+
+def remote_versions(url: str) -> list[dict[str, Any]]:
+    """The service's model and its fine-tuned versions (``GET /v1/versions``), oldest first; each version's API is
+    at ``url + base_path``. Asked on every run, so a version trained meanwhile shows up."""
+    return _remote_predictor(url).versions()  # type: ignore[attr-defined]
 
 
 def load_bundle_cached(path: Path) -> Bundle:
     return _bundle(str(path), _stamp(path))
 
 
-def get_predictor(*, inference_url: str | None, bundle_path: Path | None) -> ScanPredictor:
-    """The predictor to use: the remote service when a URL is configured, else the bundle in-process (one
-    loaded model per bundle, whatever TTA mode each session picks)."""
+def get_predictor(*, inference_url: str | None, bundle_path: Path | None, version: str = "") -> ScanPredictor:
+    """The predictor to use: the remote service (or one of its fine-tuned versions) when a URL is given, else the
+    bundle in-process (one loaded model per bundle, whatever TTA mode each session picks)."""
     if inference_url:
-        return _remote_predictor(inference_url)
+        return _remote_predictor(inference_url, version)
     if bundle_path is None:
         raise ValueError("no model bundle chosen")
     return _local_predictor(str(bundle_path), _stamp(bundle_path))

@@ -80,7 +80,7 @@ def dicom_series(stage: StagedUpload, settings: AppSettings) -> list[DicomSeries
 def result_key(upload: UploadedBytes, series_uid: str | None, model: ModelChoice, settings: AppSettings,
                info: ModelInfo) -> tuple:
     """What a result depends on: (input, series, model location, weights, TTA)."""
-    return (upload.sha256, series_uid, settings.inference_url or str(model.bundle_path), info.weights_hash, model.tta)
+    return (upload.sha256, series_uid, model.inference_url or str(model.bundle_path), info.weights_hash, model.tta)
 
 
 def cached_result(key: tuple) -> Result | None:
@@ -114,7 +114,8 @@ def predict(
 ) -> Result:
     """The segmentation of ``loaded.scan`` (``key``: see ``result_key``), computed, audited and remembered.
     ``on_progress(fraction)``: called after every slice/tile."""
-    predictor = get_predictor(inference_url=settings.inference_url, bundle_path=model.bundle_path)
+    predictor = get_predictor(inference_url=model.inference_url, bundle_path=model.bundle_path,
+                              version=model.remote_version)
     info = describe(predictor, model.bundle)
     if decision.run_anyway and model.bundle is None:
         predictor = _RunAnyway(predictor)

@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from app.escape import markdown_text
-from app.predictors import TTA_LABELS, TTA_MODES, ModelInfo, list_bundles, load_bundle_cached
+from app.predictors import TTA_LABELS, TTA_MODES, ModelInfo, list_bundles, load_bundle_cached, remote_versions
 from app.settings import AppSettings
 from app.uploads import MASK_TYPES, SCAN_TYPES, UploadedBytes, UploadError, collect_upload
 from medseg.bundle import Bundle
@@ -22,6 +22,9 @@ class ModelChoice:
     bundle_path: Path | None  # None: the remote service
     bundle: Bundle | None
     tta: str
+    inference_url: str | None = None  # the service's URL, or a fine-tuned version's (``/versions/<name>``) on it
+    remote_name: str = ""  # the chosen version's name on the service ("" when it lists none)
+    remote_version: str = ""
 
 
 def no_model_message(models_dir: Path) -> str:
@@ -39,7 +42,8 @@ def choose_model(settings: AppSettings) -> ModelChoice | None:
     """Model picker; None (with the reason shown) when there is nothing to choose."""
     if settings.inference_url:
         st.caption("The model runs on the inference service configured by the administrator.")
-        return ModelChoice(None, None, _choose_tta())
+        url, name, version = _choose_remote_version(settings.inference_url)
+        return ModelChoice(None, None, _choose_tta(), url, name, version)
     bundles = list_bundles(settings.models_dir)
     if not bundles:
         return None
@@ -59,6 +63,29 @@ def choose_model(settings: AppSettings) -> ModelChoice | None:
     if quality:  # next to the name, not only inside the collapsed model card
         st.warning(f"{markdown_text(quality)}: its masks may be poor.", icon=":material/warning:")
     return ModelChoice(path, bundle, _choose_tta())
+
+
+def _choose_remote_version(base_url: str) -> tuple[str, str, str]:
+    """(URL, name, version) of the service's model version to segment with: a picker once the service has
+    fine-tuned versions (the served bundle stays the default; a new version is chosen on purpose)."""
+    try:
+        versions = remote_versions(base_url)
+    except Exception:  # noqa: BLE001 - service down: loading the model says so on the page
+        return base_url, "", ""
+    if len(versions) <= 1:
+        return base_url, str(versions[0]["name"]) if versions else "", ""
+    by_name = {str(v["name"]): v for v in versions}
+
+    def label(name: str) -> str:
+        v = by_name[name]
+        dice = (f" · held-aside Dice {v['dice_before']:.3f} → {v['dice_after']:.3f}"
+                if v.get("dice_after") is not None and v.get("dice_before") is not None else "")
+        return f"{name} · v{v['version']}{dice}"
+
+    name = st.selectbox("Model version", list(by_name), format_func=label, key="remote_version",
+                        help="Versions fine-tuned on the inference service from reviewed cases.")
+    chosen = by_name[name]
+    return base_url.rstrip("/") + str(chosen["base_path"]), name, str(chosen["version"])
 
 
 def _model_label(path: Path) -> str:

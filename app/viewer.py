@@ -136,6 +136,7 @@ def results_view() -> None:
             plane_col, slice_col = st.columns([2, 3], vertical_alignment="bottom")
             plane = Plane(plane_col.segmented_control(
                 "Plane", [p.value for p in Plane], default=Plane.axial.value, required=True, key=f"plane_{suffix}",
+                wrap=True,  # in a narrow column: wrap rather than scroll sideways (Sagittal was cut off at 1440 px)
             ))
             count = display.slice_count(scan, plane)
             slider_key = f"slice_{plane.value}_{suffix}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -139,3 +140,17 @@ def read_reviews(folder: Path) -> list[ReviewRow]:
 def latest_verdicts(folder: Path) -> dict[str, ReviewRow]:
     """The latest row per case (what its files hold)."""
     return {row.case: row for row in read_reviews(folder)}
+
+
+def zip_reviews(folder: Path, dest: Path) -> Path:
+    """The review dataset as one zip (``images/``, ``masks/``, ``reviews.csv``; nothing else), written to ``dest``:
+    what the app uploads to fine-tune on an inference service on another machine."""
+    folder = Path(folder)
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        if (folder / REVIEWS_CSV).is_file():
+            zf.write(folder / REVIEWS_CSV, REVIEWS_CSV)
+        for sub in ("images", "masks"):
+            for path in sorted((folder / sub).glob("case_*")):
+                if path.is_file() and not path.name.startswith("."):
+                    zf.write(path, f"{sub}/{path.name}")
+    return Path(dest)

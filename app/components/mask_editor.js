@@ -71,19 +71,31 @@ export default function (component) {
     stroke = null;
     send({ kind: "stroke", points: done.points, shift: done.shift });
   };
+  // Slice moves belong to the canvas alone: the wheel only while the pointer is over the image, keys only while
+  // the canvas itself has the focus (a click or Tab gives it; a click anywhere else takes it away). Listeners sit
+  // on the stage, never on the document or window, so the page scrolls and other widgets keep their keys. With
+  // Ctrl/Meta/Alt the browser's own zoom and shortcuts win.
   stage.onwheel = (event) => {
-    if (!data.volume) return;
+    if (!data.volume || event.ctrlKey || event.metaKey || event.altKey || !stage.matches(":hover")) return;
     event.preventDefault();
-    send({ kind: "slice", delta: event.deltaY > 0 ? 1 : -1 });
+    // One slice per mouse notch (~100 px); a trackpad's many small deltas add up to one slice per 50 px.
+    const px = event.deltaMode === 1 ? event.deltaY * 33 : event.deltaMode === 2 ? event.deltaY * 800 : event.deltaY;
+    root.wheelRest = (root.wheelRest || 0) + px;
+    if (Math.abs(root.wheelRest) < 50) return;
+    const delta = root.wheelRest > 0 ? 1 : -1;
+    root.wheelRest = 0;
+    send({ kind: "slice", delta });
   };
   stage.onkeydown = (event) => {
-    if (!data.volume) return;
+    if (!data.volume || event.target !== stage || event.ctrlKey || event.metaKey || event.altKey) return;
     const step = { ArrowDown: 1, ArrowRight: 1, PageDown: 5, ArrowUp: -1, ArrowLeft: -1, PageUp: -5 }[event.key];
     if (step) {
       event.preventDefault();
+      event.stopPropagation();  // handled here: not also a page scroll or another listener's shortcut
       send({ kind: "slice", delta: step });
     }
   };
+  stage.onpointerleave = () => { root.wheelRest = 0; };
   img.onload = () => { fit(); ctx.clearRect(0, 0, canvas.width, canvas.height); };
   if (img.complete) img.onload();
 }

@@ -11,6 +11,7 @@ what a DICOM SEG writer needs, so nothing depends on the files surviving (e.g. a
 
 from __future__ import annotations
 
+import datetime
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -75,6 +76,7 @@ class DicomSeriesInfo:
     num_slices: int
     size: tuple[int, int]
     series_number: int | None = None
+    acquired: str = ""  # "2022-12-08 14:05:39" from SeriesDate/SeriesTime (else StudyDate/StudyTime); "" if none
     files: tuple[Path, ...] = field(default=(), repr=False, compare=False)
 
     def __str__(self) -> str:
@@ -101,8 +103,47 @@ class _Series:
             num_slices=len(self.files),
             size=(int(first.get("Rows", 0) or 0), int(first.get("Columns", 0) or 0)),
             series_number=int(number) if number not in (None, "") else None,
+            acquired=series_datetime(first),
             files=tuple(self.files),
         )
+
+
+def _dicom_date(value: object) -> str:
+    """DICOM DA (``YYYYMMDD``, or ACR-NEMA ``YYYY.MM.DD``) as ``YYYY-MM-DD``; "" when it does not parse."""
+    digits = str(value or "").strip().replace(".", "")
+    if len(digits) != 8 or not digits.isdigit():
+        return ""
+    try:
+        return datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:])).isoformat()
+    except ValueError:
+        return ""
+
+
+def _dicom_time(value: object) -> str:
+    """DICOM TM (``HH``, ``HHMM``, ``HHMMSS[.ffffff]``, or ACR-NEMA ``HH:MM:SS``) as ``HH:MM[:SS]``; "" otherwise."""
+    text = str(value or "").strip().replace(":", "").split(".")[0]
+    if len(text) not in (2, 4, 6) or not text.isdigit():
+        return ""
+    parts = [int(text[i:i + 2]) for i in range(0, len(text), 2)]
+    if parts[0] > 23 or any(p > 59 for p in parts[1:]):
+        return ""
+    if len(parts) == 1:
+        parts.append(0)
+    return ":".join(f"{p:02d}" for p in parts)
+
+
+def series_datetime(ds: Dataset) -> str:
+    """When the series was acquired, as a clinician tells two series of one study apart: SeriesDate (+ SeriesTime),
+    else StudyDate (+ StudyTime); ``YYYY-MM-DD[ HH:MM[:SS]]``, "" when the header states no valid date. A time is
+    shown only beside its own date (a study's time next to a series' date would be a time nobody recorded)."""
+    for date_key, time_key in (("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+        try:
+            date, clock = _dicom_date(ds.get(date_key)), _dicom_time(ds.get(time_key))
+        except Exception:  # noqa: BLE001 - a damaged element (unknown VR) only costs the label its date
+            continue
+        if date:
+            return f"{date} {clock}" if clock else date
+    return ""
 
 
 def looks_like_dicom_candidate(path: Path) -> bool:

@@ -12,6 +12,9 @@ POST /v1/jobs/{id}/store         store a PACS job's DICOM SEG back (STOW-RS)
 GET  /v1/models                  the loaded model: name, weights hash, labels, device
 GET  /health                     liveness + queue depth
 GET  /openapi.json, /docs        schema
+POST /v1/finetune, GET /v1/finetune/{id}, GET /v1/versions, /versions/{name}/v1/...
+                                 fine-tuning on uploaded reviews and the versions it served (``finetune_dir`` set;
+                                 see ``medseg.service.finetune``)
 ```
 POSTs need the ``X-Medseg-Client`` header, and with an API token every /v1 request its bearer token
 (``medseg.service.guards``). Errors are JSON ``{"error": "..."}``: 401 no/wrong token, 403 no client header,
@@ -184,6 +187,7 @@ class Service:
     work_dir: Path
     own_work_dir: bool
     fingerprint: dict[str, Any] | None = None  # the training data's summary, what uploads are checked against
+    finetune: Any = None  # medseg.service.finetune.FinetuneJobs when fine-tuning is on
     reads: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(_PARALLEL_READS))
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # DICOMweb endpoints jobs may name
 
@@ -239,6 +243,8 @@ def _lifespan(service: Service):
         try:
             yield
         finally:
+            if service.finetune is not None:
+                service.finetune.stop()
             service.jobs.stop()
             if service.own_work_dir:
                 shutil.rmtree(service.work_dir, ignore_errors=True)
@@ -412,6 +418,7 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     """The service over one loaded model. ``predictor``: a ``Predictor`` or a bundle path (loaded here, once,
     on ``settings.device``; its model card is served too). The job worker starts with the app, stops with it."""
     settings = settings or ServiceSettings()
+    bundle_path = Path(predictor) if isinstance(predictor, (str, Path)) else None
     predictor, model_card, fingerprint = load_predictor(predictor, settings, model_card)
     service = build_service(predictor, settings, model_card, fingerprint)
     app = FastAPI(
@@ -430,4 +437,8 @@ def create_app(predictor: Any, settings: ServiceSettings | None = None, model_ca
     from medseg.service.pacs import add_pacs_routes
 
     add_pacs_routes(app, service)
+    if settings.finetune_dir is not None and bundle_path is not None:  # fine-tunes and serves the bundle's versions
+        from medseg.service.finetune import add_finetune_routes
+
+        service.finetune = add_finetune_routes(app, bundle_path, settings, service.work_dir, ERRORS)
     return app

@@ -95,6 +95,7 @@ class RemotePredictor:
         self.model_card: str = info.get("model_card", "")
         self.label_map: dict[int, int] = {int(k): int(v) for k, v in info["label_map"].items()}
         self._device = info["device"]
+        self.version: str = ""  # the version number when known (the app sets it from GET /v1/versions)
 
     @property
     def device(self):
@@ -182,6 +183,36 @@ class RemotePredictor:
         probs = np.zeros((self.num_classes, *mask.shape), dtype=np.float32)
         np.put_along_axis(probs, mask[None].astype(np.int64), 1.0, axis=0)  # one-hot: see module docstring
         return Prediction(probs, mask, uncertainty, geometry)
+
+    # ----------------------------------------------------------------------------------- fine-tuning
+
+    def versions(self) -> list[dict[str, Any]]:
+        """The served bundle and its fine-tuned versions (``GET /v1/versions``: name, version, weights_hash,
+        dice_before/after, base_path); just the served model when the service does not fine-tune."""
+        r = self._request("GET", "/v1/versions")
+        if r.status_code == 404:  # fine-tuning is off on this service (or it predates it)
+            return [{"name": self.name, "version": 1, "weights_hash": self.weights_hash, "base_path": ""}]
+        if r.status_code != 200:
+            raise RemoteInferenceError(f"inference service {self.base_url}/v1/versions: {r.status_code} "
+                                       f"{_error_text(r)}")
+        return list(r.json()["versions"])
+
+    def start_finetune(self, reviews_zip: Path, model: str | None = None, max_minutes: float | None = None) -> str:
+        """Upload a zipped review folder (``medseg.review.zip_reviews``) to train the next version on the service;
+        returns the fine-tuning job's id. ``model``: the version to start from (default: the served bundle)."""
+        form = {k: str(v) for k, v in {"model": model, "max_minutes": max_minutes}.items() if v is not None}
+        with open(reviews_zip, "rb") as f:
+            r = self._request("POST", "/v1/finetune", files={"reviews": ("reviews.zip", f, "application/zip")},
+                              data=form)
+        if r.status_code != 202:
+            raise RemoteInferenceError(f"the inference service did not start fine-tuning ({r.status_code}): "
+                                       f"{_error_text(r)}")
+        return str(r.json()["job_id"])
+
+    def finetune_status(self, job_id: str) -> dict[str, Any]:
+        """``GET /v1/finetune/{id}``: status (running/done/failed), and when done the new version's name
+        (``model``), version, weights hash and held-aside Dice before/after."""
+        return self._get_json(f"/v1/finetune/{job_id}")
 
     # -------------------------------------------------------------------------- Predictor interface
 

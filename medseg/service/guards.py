@@ -4,7 +4,7 @@
   web page can post a form to any address without asking, but a request with a custom header needs a CORS
   preflight first, which this service never grants: cross-site form posts and scripted posts from other
   origins are refused with 403.
-* With ``api_token`` set, every ``/v1`` request needs ``Authorization: Bearer <token>`` (401 otherwise);
+* With ``api_token`` set, every ``/v1`` (and ``/versions/<name>/v1``) request needs ``Authorization: Bearer <token>`` (401 otherwise);
   ``/health`` and the API schema stay open for health checks.
 * The Host header must name this service (``trusted_hosts``, Starlette's ``TrustedHostMiddleware``), so a
   DNS-rebinding page that makes the browser treat the service as its own origin is refused with 400.
@@ -45,7 +45,8 @@ class CallerGuard:
             await self._refuse(send, 403, f"POST requests need the {CLIENT_HEADER} header (cross-site form posts "
                                "are refused); medseg.service.client.RemotePredictor sends it", [])
             return
-        if self.api_token and str(scope.get("path", "")).startswith("/v1/"):
+        # /versions/<name>/v1/... is a fine-tuned version's API (medseg.service.finetune): the same token.
+        if self.api_token and str(scope.get("path", "")).startswith(("/v1/", "/versions/")):
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_token}".encode()):
                 await self._refuse(send, 401, "this service needs an API token: Authorization: Bearer <token>",

@@ -40,7 +40,11 @@ class ServiceSettings:
     most (a scan that kills every worker that takes it fails after that many).
 
     ``dicomweb_endpoints``: the YAML file of DICOMweb endpoints jobs may name (``medseg.io.dicomweb``); None:
-    ``$MEDSEG_DICOMWEB_ENDPOINTS`` (the app's variable), else none. Workers read the same file to store SEGs."""
+    ``$MEDSEG_DICOMWEB_ENDPOINTS`` (the app's variable), else none. Workers read the same file to store SEGs.
+
+    Fine-tuning (``medseg.service.finetune``): ``finetune_dir``: where fine-tuned versions of the served bundle are
+    written and served from (None: fine-tuning is off); ``finetune_max_minutes``: the largest training budget a
+    client may ask for."""
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_queued: int = 16
@@ -61,6 +65,8 @@ class ServiceSettings:
     worker_timeout_s: float = 60.0
     max_attempts: int = 3
     dicomweb_endpoints: Path | None = None
+    finetune_dir: Path | None = None
+    finetune_max_minutes: float = 30.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServiceSettings:

@@ -61,6 +61,8 @@ def dicom_zip(
             ds.SeriesInstanceUID = TWO_SERIES_UID
             ds.SeriesDescription = "CT Body copy"
             ds.SeriesNumber = 2
+            ds.SeriesDate, ds.SeriesTime = "20230105", "0930"  # a later series of the study: its own date and time
+            ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "PID-4711", "19610203"
             ds.SOPInstanceUID = f"{TWO_SERIES_UID}.{i + 1}"
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             out = io.BytesIO()

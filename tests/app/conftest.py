@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,13 +57,33 @@ def app_env(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 @pytest.fixture(scope="session")
 def inference_service(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real inference service (``medseg.service``) over the tiny bundle, on a loopback port; yields its URL."""
-    import uvicorn
-
-    from medseg.service.app import create_app
     from medseg.service.settings import ServiceSettings
 
     settings = ServiceSettings(work_dir=tmp_path_factory.mktemp("service"), device="cpu")
-    service = create_app(models_dir / "tiny-nuclei", settings)
+    with serve(models_dir / "tiny-nuclei", settings) as url:
+        yield url
+
+
+@pytest.fixture
+def finetuning_service(models_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The inference service with fine-tuning on (versions written to the returned folder); yields (URL, folder)."""
+    from medseg.service.settings import ServiceSettings
+
+    versions = tmp_path / "service-versions"
+    settings = ServiceSettings(work_dir=tmp_path / "service-work", device="cpu", finetune_dir=versions,
+                               finetune_max_minutes=0.1)
+    with serve(models_dir / "tiny-nuclei", settings) as url:
+        yield url, versions
+
+
+@contextmanager
+def serve(bundle: Path, settings) -> Iterator[str]:
+    """``create_app(bundle, settings)`` in uvicorn on a free loopback port, stopped when the block ends."""
+    import uvicorn
+
+    from medseg.service.app import create_app
+
+    service = create_app(bundle, settings)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -74,6 +95,8 @@ def inference_service(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the inference service did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -132,7 +132,7 @@ def test_upload_an_image_and_see_mask_and_area(server: str, browser, datasets_di
     page.goto(server)
     banner = page.get_by_test_id("stAlertContentWarning").filter(has_text="Research use only")
     banner.wait_for(timeout=60_000)
-    page.get_by_text("Segment a scan").wait_for(timeout=60_000)
+    page.get_by_text("Segment a scan").wait_for(timeout=180_000)  # the first page imports torch: slow on a busy CPU
     page.screenshot(path=str(ARTIFACTS / "01_start.png"))
 
     image = datasets_dir / "dsb2018_nuclei" / "images" / IMAGE
@@ -204,7 +204,7 @@ def test_closing_the_tab_deletes_the_upload(server: str, browser, datasets_dir: 
 def _open(browser, url: str, width: int = 1440, height: int = 900):
     page = browser.new_page(viewport={"width": width, "height": height})
     page.goto(url)
-    page.get_by_text("Segment a scan").wait_for(timeout=60_000)
+    page.get_by_text("Segment a scan").wait_for(timeout=180_000)  # the first page imports torch: slow on a busy CPU
     return page
 
 
@@ -453,4 +453,90 @@ def test_a_refused_upload_says_why_in_the_page(server: str, browser, tmp_path: P
     error = page.get_by_test_id("stAlertContentError").filter(has_text="report.docx")
     error.wait_for(timeout=60_000)
     assert "does not read that type" in error.inner_text()
+    page.close()
+
+
+def _slider_value(page, label: str) -> str:
+    return page.get_by_test_id("stSlider").filter(has_text=label).get_by_test_id("stSliderThumbValue").inner_text()
+
+
+def _slice_number(page) -> int:
+    return int(_slider_value(page, "Slice"))
+
+
+def _scrolls_sideways(locator) -> list[str]:
+    """Elements inside ``locator`` whose content is wider than they are and that scroll (or clip) it."""
+    return locator.evaluate(
+        "el => [el, ...el.querySelectorAll('*')].filter(e => e.scrollWidth > e.clientWidth + 1 && "
+        "getComputedStyle(e).overflowX !== 'visible').map(e => e.tagName + '.' + e.className)")
+
+
+def test_wheel_and_keys_move_slices_only_on_the_hovered_or_focused_canvas(server: str, browser, datasets_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """Issue 16: the wheel and the arrow / Page keys move through slices over the editing canvas (hovered) or while
+    it has the focus, and nowhere else: scrolling the side column or pressing keys in another widget leaves the
+    slice alone."""
+    page = _open(browser, server)
+    _upload(page, _small_ct(tmp_path, datasets_dir))
+    page.get_by_role("button", name="Run anyway").click(timeout=120_000)
+    page.get_by_test_id("stTable").first.wait_for(timeout=300_000)
+    page.get_by_text("Edit mask", exact=True).click()
+    stage = page.locator('[data-testid="medsegEditor"]')
+    stage.locator("img").wait_for(timeout=60_000)
+    _settle(page)
+    _tool(page, "View")
+    start = _slice_number(page)
+
+    # Outside the canvas: the wheel over the measurements and keys in the page or in another widget.
+    page.get_by_test_id("stTable").first.hover()
+    page.mouse.wheel(0, 300)
+    _settle(page)
+    page.get_by_text("Measurements", exact=True).click()  # focus leaves every widget
+    for key in ("ArrowDown", "PageDown", "ArrowRight"):
+        page.keyboard.press(key)
+    _settle(page)
+    before = _slider_value(page, "Fill opacity")
+    opacity = page.get_by_test_id("stSlider").filter(has_text="Fill opacity").get_by_role("slider")
+    opacity.focus()
+    opacity.press("ArrowLeft")  # the opacity slider's own key
+    _settle(page)
+    assert _slider_value(page, "Fill opacity") != before
+    assert _slice_number(page) == start, "the slice moved though neither the canvas was hovered nor focused"
+
+    # On the canvas: the wheel while hovered, the keys while focused.
+    stage.hover()
+    page.mouse.wheel(0, 120)
+    _settle(page)
+    assert _slice_number(page) == start + 1
+    stage.click()  # the View tool: a click only focuses the canvas
+    page.keyboard.press("PageDown")
+    _settle(page)
+    assert _slice_number(page) == start + 6
+    page.screenshot(path=str(ARTIFACTS / "16_wheel_keys.png"))
+    plane = page.get_by_test_id("stButtonGroup").filter(has_text="Sagittal")
+    assert _scrolls_sideways(plane) == [], _scrolls_sideways(plane)  # all three planes visible at 1440 px
+    page.close()
+
+
+def test_editing_toolbar_wraps_instead_of_scrolling_at_1440(server: str, browser, datasets_dir: Path) -> None:
+    """Issue 16: at 1440 x 900 the editing tools scrolled sideways in the side column; they wrap now, every tool
+    visible inside the column."""
+    page = _open(browser, server, width=1440, height=900)
+    _upload(page, datasets_dir / "dsb2018_nuclei" / "images" / IMAGE)
+    page.get_by_test_id("stTable").first.wait_for(timeout=300_000)
+    page.get_by_text("Edit mask", exact=True).click()
+    page.locator('[data-testid="medsegEditor"] img').wait_for(timeout=60_000)
+    _settle(page)
+    _tool(page, "Click prompt")  # shows the second control too (Add / Remove region)
+    tools = page.get_by_test_id("stButtonGroup").filter(has_text="Brush")
+    tools.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "17_toolbar_1440.png"))
+    column = tools.locator("xpath=ancestor::*[@data-testid='stColumn'][1]").bounding_box()
+    assert column is not None
+    for name in ("View", "Brush", "Eraser", "Fill hole", "Delete region", "Click prompt"):
+        box = tools.get_by_text(name, exact=True).bounding_box()
+        assert box is not None and column["x"] <= box["x"] and box["x"] + box["width"] <= column["x"] + column["width"] + 1, \
+            (name, box, column)
+    for group in (tools, page.get_by_test_id("stButtonGroup").filter(has_text="Remove region")):
+        assert _scrolls_sideways(group) == [], _scrolls_sideways(group)
     page.close()

@@ -174,9 +174,12 @@ def test_dicom_zip_with_two_series_asks_which_then_offers_dicom_seg(app_env: Pat
     assert not at.exception
     assert _runs(at) == 0  # nothing is segmented until a series is chosen
     picker = at.selectbox(key=next(k for k in _keys(at, "selectbox") if k.startswith("series_uid_")))
-    # Issue 16: the picker leads with what a clinician recognises (description, slice count), not a 64-character UID.
-    assert sorted(picker.options) == sorted(["CT Body 3.0 · CT · 4 slices of 512×512",
-                                             f"CT Body copy · CT · 3 slices of 512×512 · series 2 · …{TWO_SERIES_UID[-8:]}"])
+    # Issue 16: the picker leads with what a clinician recognises (description, date and time of the series, slice
+    # count), not a 64-character UID, and never with the patient's name, ID or birth date.
+    assert sorted(picker.options) == sorted([
+        "CT Body 3.0 · CT · 2022-12-08 14:05:39 · 4 slices of 512×512",
+        f"CT Body copy · CT · 2023-01-05 09:30 · 3 slices of 512×512 · series 2 · …{TWO_SERIES_UID[-8:]}"])
+    assert not any(word in " ".join(picker.options) for word in ("Doe", "Jane", "PID-4711", "1961"))
     picker.set_value(TWO_SERIES_UID).run()
     _assert_clean(at)
     assert _runs(at) == 1

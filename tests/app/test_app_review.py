@@ -93,3 +93,55 @@ def test_fine_tune_button_only_for_allowed_users_and_versions_listed(app_env: Pa
     assert at.selectbox(key="model_path").options == ["tiny-nuclei · barely trained", "tiny-nuclei-v2 · barely trained"]
     versions = " ".join(c.value for c in at.sidebar.caption)
     assert "v1: tiny-nuclei" in versions and "v2: tiny-nuclei-v2" in versions and "0.500 → 0.750" in versions
+
+
+def test_fine_tune_on_a_remote_service_then_segment_with_the_new_version(app_env: Path, datasets_dir: Path,
+                                                                         finetuning_service, monkeypatch) -> None:
+    """With MEDSEG_INFERENCE_URL the button uploads the reviews to the service, which trains and then serves the
+    version; the sidebar's version picker offers it, and a scan segmented with it names that version."""
+    import time
+
+    from medseg.bundle import load_bundle
+    from medseg.io import read_scan
+    from medseg.review import save_review
+
+    url, versions = finetuning_service
+    reviews = app_env.parent / "reviews"
+    root = datasets_dir / "dsb2018_nuclei"
+    for i, image in enumerate(sorted((root / "images").glob("*.png"))[:3]):
+        truth = (read_mask(root / "masks" / image.name).array > 0).astype(np.uint8)
+        save_review(reviews, scan=read_scan(image), model_mask=np.zeros_like(truth), final_mask=truth,
+                    verdict="corrected", note="", who=None, model="tiny-nuclei", model_version="", weights_hash="x",
+                    input_sha256=hashlib.sha256(str(i).encode()).hexdigest(), label_map={0: 0, 255: 1},
+                    num_classes=2)
+    monkeypatch.setenv("MEDSEG_INFERENCE_URL", url)
+    monkeypatch.setenv("MEDSEG_MODELS_DIR", str(app_env.parent / "no-models-here"))  # the service has the model
+    monkeypatch.setenv("MEDSEG_FINETUNE_USERS", "anonymous")
+    monkeypatch.setenv("MEDSEG_FINETUNE_MINUTES", "0.1")
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=TIMEOUT).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert not [s for s in at.selectbox if s.key == "remote_version"]  # one model on the service: nothing to pick
+    start = _button(at, "finetune_start")
+    assert start.label == "Fine-tune from 3 reviewed cases" and "on the inference service" in start.help
+    start.click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("Fine-tuning the next version" in i.value for i in at.info)
+    deadline = time.monotonic() + 300
+    while any("Fine-tuning the next version" in i.value for i in at.info):  # the page polls the service's job
+        assert time.monotonic() < deadline, "the service's fine-tuning job did not finish"
+        time.sleep(1.5)
+        at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("New version ready: **tiny-nuclei-v2**" in s.value and "inference service" in s.value
+               for s in at.success), [s.value for s in at.success]
+    picker = at.selectbox(key="remote_version")
+    assert picker.options[0] == "tiny-nuclei · v1" and picker.options[1].startswith("tiny-nuclei-v2 · v2 · held-aside")
+    assert picker.value == "tiny-nuclei"  # the served model stays the default until someone picks the new one
+    picker.set_value("tiny-nuclei-v2").run()
+    image = sorted((root / "images").glob("*.png"))[8]
+    at.file_uploader(key="scan_files").set_value((image.name, image.read_bytes(), "image/png")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    result = at.session_state["result"]
+    assert result.info.remote and result.info.version == "2"
+    assert result.info.weights_hash == load_bundle(versions / "tiny-nuclei-v2").weights_hash
+    assert any("version 2" in c.value for c in at.caption)

@@ -239,3 +239,29 @@ def test_truncated_uncompressed_slice_is_named(uncompressed_series, tmp_path: Pa
     files[7].write_bytes(data[: len(data) - 5000])
     with pytest.raises(ScanReadError, match=files[7].name):
         read_scan(tmp_path / "s")
+
+
+@pytest.mark.parametrize(("header", "shown"), [
+    ({"SeriesDate": "20221208", "SeriesTime": "140539.425000"}, "2022-12-08 14:05:39"),
+    ({"SeriesDate": "20221208", "SeriesTime": "1405"}, "2022-12-08 14:05"),
+    ({"SeriesDate": "20221208"}, "2022-12-08"),
+    ({"SeriesDate": "2022.12.08", "SeriesTime": "14:05:39"}, "2022-12-08 14:05:39"),  # ACR-NEMA spellings
+    ({"StudyDate": "20210301", "StudyTime": "081500"}, "2021-03-01 08:15:00"),  # no series date: the study's
+    ({"SeriesDate": "20221208", "StudyDate": "20210301", "StudyTime": "081500"}, "2022-12-08"),  # never mixed
+    ({"SeriesDate": "20221332", "SeriesTime": "250000", "StudyDate": "20210301"}, "2021-03-01"),  # invalid: skipped
+    ({"SeriesDate": "yesterday"}, ""),
+    ({}, ""),
+])
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the damaged values are the point
+def test_series_date_and_time_are_formatted_for_the_series_picker(header: dict, shown: str) -> None:
+    from medseg.io.dicom import series_datetime
+
+    ds = pydicom.Dataset()
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    assert series_datetime(ds) == shown
+
+
+def test_listed_series_carry_their_acquisition_date(ct_dicom_dir: Path) -> None:
+    [info] = list_dicom_series(ct_dicom_dir)
+    assert info.acquired == "2022-12-08 14:05:39"  # SeriesDate 20221208, SeriesTime 140539.425 in the shared CT
