@@ -64,12 +64,13 @@ def test_distill_cli_writes_a_student_bundle_that_predicts(teacher: Path, tiny_d
     pred = Predictor.from_bundle(out / "bundle", device="cpu").predict_scan(scan)
     assert pred.mask.shape == scan.spatial_shape and pred.probs.shape == (2, *scan.spatial_shape)
 
-    # The cached targets are the teacher's predictions, one file per training case, and a rerun reads them.
+    # One cached target per training case, in a folder keyed by teacher, TTA and grid (a rerun finds it again).
     folders = list((out / "teacher_targets").iterdir())
     assert len(folders) == 1 and len(list(folders[0].glob("*.npy"))) == 8
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0, again.output
-    assert "0 teacher target(s) computed" in again.output
+    from medseg.engine.distill import student_config, targets_key
+
+    key = targets_key(parent, "flips", student_config(parent, tiny_data, None, None, STUDENT_SETS[1::2]))
+    assert folders[0].name == key != targets_key(parent, "none", student.config)
 
 
 def test_cached_targets_are_the_teachers_probabilities(teacher: Path, tiny_data: Path, tmp_path: Path) -> None:
