@@ -322,6 +322,37 @@ def finetune(
         f"held-aside reviewed case(s) {result.dice_before:.4f} -> {result.dice_after:.4f}", highlight=False)
 
 
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Argument(help="Teacher bundle: several members (folds, snapshots) and/or TTA")],
+    data: Annotated[Path, typer.Option(help="Dataset folder with images/ and masks/")],
+    out: Annotated[Path, typer.Option(help="Run folder; the student bundle is OUT/bundle")] = Path("outputs/distill"),
+    student_encoder: Annotated[str | None, typer.Option(help="Student encoder (default: the teacher's), e.g. "
+                                                        "timm-tf_efficientnet_lite0")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the student's training")] = 10.0,
+    unlabeled: Annotated[Path | None, typer.Option(help="Images without masks (a folder, or one with images/): "
+                                                   "the teacher labels them")] = None,
+    teacher_tta: Annotated[str | None, typer.Option(help="TTA of the teacher's targets: none | flips | multicrop | "
+                                                    "full (default: the teacher bundle's)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (teacher predictions)")] = "auto",
+    set_: Sets = None,
+) -> None:
+    """Train one model on an ensemble's soft predictions (+ the labels); its model card gives both Dice figures."""
+    from medseg.engine.distill import distill as run_distill
+
+    try:
+        _route_lightning_logs()
+        result = run_distill(teacher, data, out, student_encoder=student_encoder, max_minutes=max_minutes,
+                             unlabeled=unlabeled, teacher_tta=_tta_option(teacher_tta), device=device, overrides=set_)
+    except MedsegError as e:
+        _fail(e)
+        return
+    console.print(
+        f"student written to {result.bundle} in {result.seconds / 60:.1f} min: Dice on {result.n_val} validation "
+        f"case(s) teacher {result.teacher_dice:.4f} ({result.teacher_passes} passes per image), student "
+        f"{result.student_dice:.4f} (1 pass); {result.targets_computed} teacher target(s) computed", highlight=False)
+
+
 def _unique_output_stems(items: list[Path]) -> dict[Path, str]:
     """Output stem per input; inputs that share one (``a.png``, ``a.tif``, folder ``a`` and ``a.zip``) get their
     suffix appended (``a_tif``) so no output overwrites another."""

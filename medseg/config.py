@@ -243,6 +243,16 @@ class TuneConfig(_Section):
     direction: Literal["maximize", "minimize"] = "maximize"
 
 
+class DistillConfig(_Section):
+    """Knowledge distillation (`medseg distill`): batches that carry the teacher's probabilities add
+    ``weight · T² · KL(teacher_T ‖ student_T)`` (``loss: kl``, Hinton's scaling keeps the gradient size independent
+    of ``T``) or ``weight · soft Dice(student, teacher)`` to the supervised loss on the labels."""
+
+    loss: Literal["kl", "soft_dice"] = "kl"
+    weight: float = Field(1.0, ge=0.0)  # lambda
+    temperature: float = Field(2.0, gt=0.0)  # T: > 1 shows the student the teacher's relative confidences
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     description: str = ""
@@ -254,6 +264,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -297,7 +297,8 @@ class PatchDataset(torch.utils.data.Dataset):
     leaves the image — zero-padded with ``augment.padding_mode: constant`` — so the augmentation's crop holds the
     centre), converted to network input (`model_input`) and augmented to the patch size.
 
-    Returns ``{"image": (C, H, W) float32, "label": (H, W) uint8[, "weight": (H, W) float32]}``.
+    Returns ``{"image": (C, H, W) float32, "label": (H, W) uint8[, "weight": (H, W) float32][, "soft": (K, H, W)
+    float32]}`` (``soft``: when the cache's cases carry a teacher's probabilities, ``medseg.engine.distill``).
 
     The sampler keeps its own generator; ``state_dict``/``load_state_dict``/``reseed`` cover it together with the
     augmentation's (exact resume, distinct streams per loader worker).
@@ -384,9 +385,15 @@ class PatchDataset(torch.utils.data.Dataset):
         label = pad(label_full[window] if z < 0 else label_full[(z, *window)], (ypad, xpad), self.padding_mode)
         if weight is not None:  # constant padding: padded pixels weigh nothing
             weight = pad(weight[window] if z < 0 else weight[(z, *window)], (ypad, xpad), self.padding_mode)
+        soft = d.get("soft")  # a teacher's probabilities (K, *grid) (`medseg distill`), cut and padded like the image
+        if soft is not None:
+            soft = pad(np.asarray(soft[(slice(None), *window)] if z < 0 else soft[(slice(None), z, *window)],
+                                  dtype=np.float32), ((0, 0), ypad, xpad), self.padding_mode)
+            soft = np.ascontiguousarray(np.moveaxis(soft, 0, -1))
+        extra = {} if soft is None else {"soft": soft}  # augmentations written before soft targets take 3 arguments
         out = self.augment(
             np.ascontiguousarray(np.moveaxis(image, 0, -1)), np.ascontiguousarray(label),
-            None if weight is None else np.ascontiguousarray(weight),
+            None if weight is None else np.ascontiguousarray(weight), **extra,
         )
         sample = {
             "image": torch.from_numpy(np.ascontiguousarray(np.moveaxis(out["image"], -1, 0))),
@@ -394,6 +401,8 @@ class PatchDataset(torch.utils.data.Dataset):
         }
         if out.get("weight") is not None:
             sample["weight"] = torch.from_numpy(np.ascontiguousarray(out["weight"]))
+        if out.get("soft") is not None:
+            sample["soft"] = torch.from_numpy(np.ascontiguousarray(np.moveaxis(out["soft"], -1, 0)))
         return sample
 
 

@@ -17,6 +17,7 @@ from medseg.engine.schedules import build_schedule, params_in_steps, snapshot_st
 from medseg.errors import ConfigError
 from medseg.inference.tiling import predict_logits_case
 from medseg.losses import build_loss
+from medseg.losses.distill import distillation_loss
 from medseg.metrics import per_label_metrics
 from medseg.models import EncoderFeatureCache, build_model
 from medseg.models.transfer import apply_transfer_strategy, param_groups, unfreeze_for_epoch
@@ -109,7 +110,8 @@ class SegModule(L.LightningModule):
             unfreeze_for_epoch(self.model, self.current_epoch, self.cfg.model.unfreeze_at_epochs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """``batch``: ``image (B, C, H, W)``, ``label (B, H, W)``, optional ``weight (B, H, W)``; or, with the
+        """``batch``: ``image (B, C, H, W)``, ``label (B, H, W)``, optional ``weight (B, H, W)`` and
+        ``soft (B, K, H, W)`` (a teacher's probabilities: adds ``distill.weight`` × the distillation loss); or, with the
         encoder feature cache attached, ``case``/``offset`` keys instead of the image (see `attach_feature_cache`)."""
         label = batch["label"].long()  # labels travel as uint8 until the loss
         bs = label.shape[0]
@@ -120,7 +122,13 @@ class SegModule(L.LightningModule):
             a = self.cfg.augment
             mixed = mix_batch(batch["image"], label, batch.get("weight"), a.mixup, a.cutmix,
                               mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, generator=self.mix_generator)
-            loss = mixed_loss(self.loss_fn, self._net(mixed.image), mixed)
+            logits = self._net(mixed.image)
+            loss = mixed_loss(self.loss_fn, logits, mixed)
+            if "soft" in batch:  # `medseg distill`: the teacher's probabilities, augmented with the patch
+                d = self.cfg.distill
+                distill = distillation_loss(logits, batch["soft"], d.loss, d.temperature)
+                self.log("distill_loss", distill, on_step=False, on_epoch=True, batch_size=bs)
+                loss = loss + d.weight * distill
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self._epoch_loss_sum += loss.detach() * bs  # a tensor: no GPU sync per step
         self._epoch_samples += bs

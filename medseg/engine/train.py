@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -287,11 +288,14 @@ def build_trainer(
 
 
 def build_dataloaders(cfg: ExperimentConfig, train_cases: list[Case], val_cases: list[Case], progress: bool = False,
-                      cache_dir: Path | None = None):
-    """(train loader of random augmented patches, val loader of whole cases on the model grid)."""
+                      cache_dir: Path | None = None, wrap_train_cache: Callable | None = None):
+    """(train loader of random augmented patches, val loader of whole cases on the model grid). ``wrap_train_cache``:
+    turns the training cases' cache into the one patches are drawn from (`medseg distill` adds teacher targets)."""
     train_cache = build_case_cache(train_cases, cfg, progress=progress, cache_dir=cache_dir, check_left_out=False)
     val_cache = build_case_cache(val_cases, cfg, progress=progress, cache_dir=cache_dir, check_left_out=False)
     check_left_out_share([*train_cache.problems, *val_cache.problems], len(train_cases) + len(val_cases))
+    if wrap_train_cache is not None:
+        train_cache = wrap_train_cache(train_cache)
     augment = build_augmentation_2d(
         cfg.augment.preset, cfg.data.patch_size, cfg.data.input_channels, padding_mode=cfg.augment.padding_mode,
         rgb=cfg.data.channels == 3 and cfg.data.context_slices == 0,  # no hue shifts on stacks of gray slices
@@ -368,6 +372,7 @@ def train(
     *,
     clock=monotonic,
     device: DeviceProfile | None = None,
+    wrap_train_cache: Callable | None = None,
 ) -> TrainResult:
     """Train one model as configured; write ``out_dir/{bundle/, progress.png, metrics.csv, splits.json,
     fingerprint.json, plan.yaml, run_info.json, diagnosis.txt, checkpoints/}``.
@@ -376,6 +381,7 @@ def train(
     (`medseg.planning`). With ``train.budget_minutes`` the whole run — planning, caching, training, validation and
     the final evaluation — fits that wall-clock budget, and the LR schedule ends annealed (`medseg.engine.budget`;
     ``clock`` is the time source). ``max_time`` only stops the fit after that long (Lightning's hard stop).
+    ``wrap_train_cache``: see `build_dataloaders` (`medseg distill`).
 
     The bundle's members: ``swa`` (with ``train.swa``), ``snapshot_<i>`` for each completed SGDR cycle (with
     ``train.snapshots``), otherwise ``model`` (the best checkpoint by val Dice). Their ensemble is then scored on
@@ -396,7 +402,8 @@ def train(
     setup = _prepare_run(cfg, out_dir, resuming, device)
     cfg = setup.cfg
     log.info("training on %d cases, validating on %d", len(setup.train_cases), len(setup.val_cases))
-    train_dl, val_dl = build_dataloaders(cfg, setup.train_cases, setup.val_cases, progress, cache_dir=out_dir / "cache")
+    train_dl, val_dl = build_dataloaders(cfg, setup.train_cases, setup.val_cases, progress, cache_dir=out_dir / "cache",
+                                         wrap_train_cache=wrap_train_cache)
 
     left_out = [*train_dl.dataset.cache.problems, *val_dl.dataset.cache.problems]
     module = SegModule(cfg)

@@ -40,7 +40,7 @@ class Augment2D(ComposeRandomState):
     """A built 2D augmentation: ``aug(image, mask, weight=None) -> {"image", "mask"[, "weight"]}``.
 
     ``image`` ``(H, W, C)`` float32 in [0, 1]; ``mask`` ``(H, W)`` integer classes; ``weight`` ``(H, W)``
-    float32 or None. Outputs have the patch size; the mask keeps its dtype and values (nearest resampling),
+    float32 or None; ``soft`` ``(H, W, K)`` float32 (a teacher's probabilities) or None. Outputs have the patch size; the mask keeps its dtype and values (nearest resampling),
     the weight map is resampled linearly. ``state_dict``/``load_state_dict``/``reseed`` handle the two
     pipelines' private generators (`ComposeRandomState`).
     """
@@ -52,7 +52,7 @@ class Augment2D(ComposeRandomState):
         self.channels = channels
 
     def __call__(
-        self, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None = None
+        self, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None = None, soft: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
         if image.ndim != 3 or image.shape[-1] != self.channels:
             raise ValueError(f"image must be (H, W, {self.channels}), got {image.shape}")
@@ -63,6 +63,10 @@ class Augment2D(ComposeRandomState):
         targets: dict[str, np.ndarray] = {"image": image.astype(np.float32, copy=False), "mask": mask}
         if weight is not None:
             targets["weight"] = weight.astype(np.float32, copy=False)
+        if soft is not None:  # a teacher's probabilities (H, W, K): moved and resampled linearly, like the image
+            if soft.shape[:2] != mask.shape:
+                raise ValueError(f"soft target shape {soft.shape[:2]} differs from mask shape {mask.shape}")
+            targets["soft"] = soft.astype(np.float32, copy=False)
         out = self.geometric(**targets)
         image_out = self.photometric(image=out["image"])["image"]
         if image_out.ndim == 2:  # one-channel images may come back without their channel axis
@@ -70,6 +74,8 @@ class Augment2D(ComposeRandomState):
         result = {"image": image_out.astype(np.float32, copy=False), "mask": out["mask"].astype(mask.dtype)}
         if weight is not None:
             result["weight"] = out["weight"].astype(np.float32, copy=False)
+        if soft is not None:
+            result["soft"] = out["soft"].astype(np.float32, copy=False)
         return result
 
 
@@ -121,7 +127,7 @@ def build_augmentation_2d(
         )
     seeds = (None, None) if seed is None else (seed, seed + 1)
     return Augment2D(
-        A.Compose([pad, crop, *geometric], additional_targets={"weight": "image"}, seed=seeds[0]),
+        A.Compose([pad, crop, *geometric], additional_targets={"weight": "image", "soft": "image"}, seed=seeds[0]),
         A.Compose(photometric, seed=seeds[1]),
         channels,
     )

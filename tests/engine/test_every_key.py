@@ -3,7 +3,7 @@ effect, so a key that nothing reads is a defect.
 
 The fields are walked from the pydantic models (`leaf_keys`), never listed by hand. A handful of tiny *scenarios*
 (real ``train`` + ``Predictor.predict_scan`` runs on 64x64 nuclei crops or 4 hippocampus volumes, one epoch or
-two; ``tune`` for the ``tune`` section) give every key a non-default value somewhere; while a scenario runs, every
+two; ``tune`` for the ``tune`` section, ``distill`` for the ``distill`` section) give every key a non-default value somewhere; while a scenario runs, every
 attribute read on a config section is recorded (`ConfigReads`). The test then demands, for each key:
 
 * some scenario sets it to a value other than the model's default, that scenario succeeds, and the key is read
@@ -136,8 +136,9 @@ class ConfigReads:
 @dataclass
 class Scenario:
     """One tiny run. ``data``: nuclei | renamed (other folder names) | datalist | hippo; ``run``: train (then
-    predict one scan with the bundle) | tune. ``optional_package``: the keys need it; where it is not installed
-    the run must stop at once with a one-line ConfigError naming it."""
+    predict one scan with the bundle) | tune | distill (train a teacher, distill it, predict with the student).
+    ``optional_package``: the keys need it; where it is not installed the run must stop at once with a one-line
+    ConfigError naming it."""
 
     name: str
     overrides: list[str]
@@ -203,6 +204,8 @@ SCENARIOS = [
     ], config=HIPPO, data="hippo"),  # fmt: skip
     Scenario("tensorboard", ["train.log_tensorboard=true"], optional_package="tensorboard"),
     Scenario("mlflow", ["train.mlflow_uri=file:MLRUNS"], optional_package="mlflow"),
+    Scenario("distill_kl", ["distill.weight=0.5", "distill.temperature=3.0"], run="distill"),
+    Scenario("distill_soft_dice", ["distill.loss=soft_dice"], run="distill"),
     Scenario("tune", [
         'tune.space={"train.lr": {type: loguniform, low: 1.0e-4, high: 1.0e-2}}', "tune.sampler=random",
         "tune.pruner=none", "tune.direction=minimize",
@@ -266,6 +269,15 @@ def _run(s: Scenario, cfg: ExperimentConfig, out: Path, image: Path) -> str:
         result = tune(cfg, out, trials=1)
         assert result.complete == 1
         return f"tuned: best value {result.best_value:.3f}"
+    if s.run == "distill":  # a teacher trained with the scenario's config; its student reads the distill section
+        from medseg.engine.distill import distill
+
+        teacher = train(cfg, out / "teacher", progress=False)
+        student = distill(teacher.bundle, cfg.data.root, out / "student", max_minutes=None, device="cpu",
+                          progress=False)
+        scan = read_scan(image)
+        assert Predictor.from_bundle(student.bundle, device="cpu").predict_scan(scan).mask.shape == scan.spatial_shape
+        return f"student val Dice {student.student_dice:.3f} (teacher {student.teacher_dice:.3f})"
     result = train(cfg, out, progress=False)
     scan = read_scan(image)
     pred = Predictor.from_bundle(result.bundle, device="cpu").predict_scan(scan)

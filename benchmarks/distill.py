@@ -1,0 +1,208 @@
+"""Knowledge distillation (issue 19 part 1): single model vs 5-member ensemble (+TTA) vs distilled student.
+
+Per dataset, a seeded 20 % of the cases is held out as the **test set**, which nothing trains or selects on. On the
+other 80 % (the pool):
+
+- **ensemble**: `medseg cv` with 5 folds -> a 5-member fold-ensemble bundle (temperature-calibrated on OOF pixels),
+  predicted with and without TTA (``--teacher-tta``, flips: 4 views -> 20 passes per image);
+- **single**: the ensemble's member whose validation fold the student also uses (``fold_<k>/bundle``): one model,
+  the same per-model budget, the same training cases as the student;
+- **student**: `medseg distill` of the ensemble (+TTA) into the same encoder, same budget, same training cases.
+
+Every model gets the same fixed budget (epochs × patches, stated in the table): Dice then does not depend on how
+loaded the shared CPU is. Inference time per image is measured in a separate short step (``--stage time``) with the
+load average printed beside it, so it can be rerun on a quiet machine.
+
+    nice -n 15 .venv/bin/python benchmarks/distill.py --stage train    # trains, scores the test cases (~30 min)
+    nice -n 15 .venv/bin/python benchmarks/distill.py --stage time     # ms/image of the trained bundles
+    .venv/bin/python benchmarks/distill.py --stage table               # the README table from the saved results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+# name -> (experiment config, shared dataset folder, per-model budget and scale overrides)
+DATASETS = {
+    "montgomery": ("configs/experiments/lungs_montgomery.yaml", "montgomery_cxr_lung", [
+        "data.resample=size", "data.target_size=128", "data.patch_size=[128, 128]", "inference.tile_size=[128, 128]",
+        "train.batch_size=8", "train.epochs=4", "train.samples_per_epoch=64"]),
+    "isbi2012": ("configs/experiments/isbi2012_membranes.yaml", "isbi2012_em", [
+        "data.patch_size=[128, 128]", "train.batch_size=8", "train.epochs=4", "train.samples_per_epoch=64"]),
+}
+COMMON = ["train.accelerator=cpu", "train.warmup_epochs=0.5"]
+SMOKE = ["train.epochs=1", "train.samples_per_epoch=16"]  # --smoke: the whole pipeline in minutes, numbers meaningless
+RESULTS = REPO / "benchmarks" / "results" / "distill.json"
+
+
+def split_pool_test(name: str, work: Path, test_share: float = 0.2, seed: int = 0):
+    """(pool folder of symlinks, test cases): a seeded share of the dataset's cases held out."""
+    from medseg.data import discover_cases
+
+    root = SHARED / DATASETS[name][1]
+    cases = discover_cases(root)
+    order = list(range(len(cases)))
+    random.Random(seed).shuffle(order)
+    n_test = max(2, round(test_share * len(cases)))
+    test = [cases[i] for i in sorted(order[:n_test])]
+    pool = work / name / "pool"
+    for sub in ("images", "masks"):
+        (pool / sub).mkdir(parents=True, exist_ok=True)
+    for i in sorted(order[n_test:]):
+        c = cases[i]
+        for sub, src in (("images", c.image), ("masks", c.mask)):
+            link = pool / sub / src.name
+            if not link.exists():
+                link.symlink_to(src)
+    return pool, test
+
+
+def test_dice(bundle: Path, cases, tta: str) -> tuple[float, float]:
+    """Mean foreground Dice (± sd over cases) of ``bundle`` with ``tta`` on ``cases``, through `evaluate_cases`."""
+    from dataclasses import replace
+
+    from medseg.bundle import load_bundle
+    from medseg.engine.evaluate import evaluate_cases
+    from medseg.inference import Predictor
+
+    b = load_bundle(bundle)
+    b = replace(b, config=b.config.model_copy(update={"inference": b.config.inference.model_copy(update={"tta": tta})}))
+    result = evaluate_cases(Predictor.from_bundle(b, device="cpu"), cases, b.config, hd95=False)
+    per_case = {}
+    for r in result.rows:
+        if r["label"] != b.config.data.labels[0]:
+            per_case.setdefault(r["case"], []).append(r["dice"])
+    values = np.array([np.mean(v) for v in per_case.values()])
+    return float(values.mean()), float(values.std())
+
+
+def train_stage(name: str, work: Path, teacher_tta: str, smoke: bool = False) -> dict:
+    from medseg.config import load_config
+    from medseg.engine.cv import cross_validate
+    from medseg.engine.distill import distill
+
+    config, _, budget = DATASETS[name]
+    pool, test = split_pool_test(name, work)
+    cfg = load_config(REPO / config, [f"data.root={pool}", *budget, *COMMON, *(SMOKE if smoke else []),
+                                        f"name={name}-ensemble"])
+    t0 = time.time()
+    cv = cross_validate(cfg, work / name / "cv", folds=5, resume=True, progress=False, device="cpu")
+    cv_minutes = (time.time() - t0) / 60
+    from medseg.bundle import load_bundle
+
+    teacher = load_bundle(cv.bundle)
+    fold = teacher.config.data.fold
+    single = work / name / "cv" / f"fold_{fold}" / "bundle"
+    t0 = time.time()
+    student = distill(cv.bundle, pool, work / name / "student", max_minutes=None, teacher_tta=teacher_tta,
+                      device="cpu", progress=False)
+    student_minutes = (time.time() - t0) / 60
+    rows = {
+        "single": (single, "none", 1),
+        "ensemble": (cv.bundle, "none", 5),
+        f"ensemble+{teacher_tta}": (cv.bundle, teacher_tta, student.teacher_passes),
+        "student": (student.bundle, "none", 1),
+    }
+    out = {"dataset": name, "test_cases": len(test), "pool_cases": len(list((pool / "images").iterdir())),
+           "budget": budget, "teacher_tta": teacher_tta, "cv_minutes": round(cv_minutes, 1),
+           "student_minutes": round(student_minutes, 1), "student_val_dice": student.student_dice,
+           "teacher_val_dice": student.teacher_dice, "models": {}}
+    for label, (bundle, tta, passes) in rows.items():
+        mean, sd = test_dice(bundle, test, tta)
+        out["models"][label] = {"bundle": str(bundle), "tta": tta, "passes": passes, "dice": mean, "dice_sd": sd}
+        print(f"{name:11s} {label:16s} passes {passes:3d}  test Dice {mean:.4f} ± {sd:.4f}", flush=True)
+    m = out["models"]
+    gain = m[f"ensemble+{teacher_tta}"]["dice"] - m["single"]["dice"]
+    out["kept_share_of_gain"] = (m["student"]["dice"] - m["single"]["dice"]) / gain if gain > 0 else None
+    return out
+
+
+def time_stage(result: dict, n_images: int) -> None:
+    """ms per image (median over ``n_images`` test images, after one warm-up) for every model row, end to end
+    (`predict_scan`: preprocessing, passes, resampling back, post-processing); the 1-min load average beside it."""
+    from dataclasses import replace
+
+    from medseg.bundle import load_bundle
+    from medseg.inference import Predictor
+    from medseg.io import read_scan
+
+    _, test = split_pool_test(result["dataset"], Path(result["work"]))
+    scans = [read_scan(c.image) for c in test[:n_images]]
+    for label, row in result["models"].items():
+        b = load_bundle(row["bundle"])
+        b = replace(b, config=b.config.model_copy(
+            update={"inference": b.config.inference.model_copy(update={"tta": row["tta"], "backend": "torch"})}))
+        predictor = Predictor.from_bundle(b, device="cpu")
+        predictor.predict_scan(scans[0])  # warm-up
+        load = os.getloadavg()[0]
+        times = []
+        for scan in scans:
+            t0 = time.perf_counter()
+            predictor.predict_scan(scan)
+            times.append(time.perf_counter() - t0)
+        row["ms_per_image"] = 1000 * float(np.median(times))
+        row["load_during_timing"] = round((load + os.getloadavg()[0]) / 2, 2)
+        print(f"{result['dataset']:11s} {label:16s} {row['ms_per_image']:8.0f} ms/image (load {row['load_during_timing']})",
+              flush=True)
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| dataset (test cases) | model | passes/image | test Dice (mean ± sd) | ms/image (load) |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        for label, m in r["models"].items():
+            ms = f"{m['ms_per_image']:.0f} ({m['load_during_timing']})" if "ms_per_image" in m else "not timed"
+            lines.append(f"| {r['dataset']} ({r['test_cases']}) | {label} | {m['passes']} | "
+                         f"{m['dice']:.4f} ± {m['dice_sd']:.4f} | {ms} |")
+    lines.append("")
+    for r in results:
+        kept = r["kept_share_of_gain"]
+        kept_text = f"{100 * kept:.0f} %" if kept is not None else "n/a (the ensemble did not beat the single model)"
+        lines.append(f"- {r['dataset']}: student keeps {kept_text} of the ensemble+TTA's Dice gain over the single "
+                     f"model; budget per model `{' '.join(b for b in r['budget'] if b.startswith('train.'))}`; "
+                     f"5-fold ensemble {r['cv_minutes']} min, student {r['student_minutes']} min (teacher targets "
+                     "included) of wall time on the shared CPU")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=("train", "time", "table"), default="train")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_distill")
+    parser.add_argument("--teacher-tta", default="flips")
+    parser.add_argument("--time-images", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="1 epoch of 16 patches per model (pipeline check)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("medseg.distill").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore")
+    results = RESULTS.with_name("distill_smoke.json") if args.smoke else RESULTS
+    saved = {r["dataset"]: r for r in json.loads(results.read_text())} if results.is_file() else {}
+    for name in args.datasets:
+        if args.stage == "train":
+            saved[name] = {**train_stage(name, args.work, args.teacher_tta, args.smoke), "work": str(args.work)}
+        elif args.stage == "time":
+            time_stage(saved[name], args.time_images)
+        # Re-read before writing: the datasets may run as parallel processes sharing the file.
+        merged = {r["dataset"]: r for r in json.loads(results.read_text())} if results.is_file() else {}
+        merged[name] = saved[name]
+        saved = {**merged, **{name: saved[name]}}
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(list(merged.values()), indent=1))
+    print(table([saved[n] for n in DATASETS if n in saved]))
+
+
+if __name__ == "__main__":
+    main()
