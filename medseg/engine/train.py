@@ -461,7 +461,7 @@ def train(
         from medseg.engine.pseudo_labels import PseudoLabelRounds
 
         left_out += train_dl.dataset.pseudo.cache.problems
-        rounds = PseudoLabelRounds(cfg, train_dl.dataset.pseudo, out_dir)
+        rounds = PseudoLabelRounds(cfg, train_dl.dataset.pseudo, out_dir, clock=clock)
     module = SegModule(cfg)
     if cfg.model.cache_encoder_features:  # the decoder trains on a frozen encoder's features, computed once per case
         train_dl = attach_feature_cache(module, train_dl, cfg)
