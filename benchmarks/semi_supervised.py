@@ -5,6 +5,8 @@ Three rows with the same training compute (epochs × crops per epoch, the same o
   10% labeled            11 of the 110 training images with masks, nothing else
   10% + 90% unlabeled    the same 11 with masks, the other 99 given without masks (pseudo-label rounds)
   100% labeled           all 110 with masks
+  10% + 90%, teacher     noisy student: the 10% row's bundle pseudo-labels round 1 (epoch 0), the student round 2
+                         (the teacher's own training is extra compute; run after the "labeled" row)
 
 The images are given through CSV datalists (an empty mask column = unlabeled), with one split file so that every
 row validates on the same 28 images. The 10% subset is the seeded one ``data.train_fraction=0.1`` picks.
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64, help="training crops per epoch")
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--rows", nargs="*", default=["labeled", "semi", "full"])
+    ap.add_argument("--rows", nargs="*", default=["labeled", "semi", "full", "teacher"])
     ap.add_argument("--set", dest="sets", action="append", default=[])
     args = ap.parse_args()
 
@@ -67,8 +69,14 @@ def main() -> None:
         "semi": (f"{args.fraction:.0%} labeled + {1 - args.fraction:.0%} unlabeled", labeled, rest,
                  ["train.unlabeled.enabled=true", f"train.unlabeled.rounds={args.rounds}"]),
         "full": ("100% labeled", labeled + rest, [], []),
+        "teacher": (f"{args.fraction:.0%} labeled + {1 - args.fraction:.0%} unlabeled, teacher = the {args.fraction:.0%} "
+                    "row's model", labeled, rest,
+                    ["train.unlabeled.enabled=true", f"train.unlabeled.rounds={args.rounds + 1}",
+                     f"train.unlabeled.teacher={args.out / 'labeled/run/bundle'}"]),
     }
-    results = []
+    # Rows of earlier invocations are kept (a row re-run replaces its old result).
+    old = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else []
+    results = [r for r in old if r["row"] not in {rows_spec[k][0] for k in args.rows}]
     for key in args.rows:
         name, with_masks, without, sets = rows_spec[key]
         out = args.out / key
