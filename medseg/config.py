@@ -158,6 +158,33 @@ class AugmentConfig(_Section):
     mixup_alpha: float = 0.4
     cutmix_alpha: float = 1.0
     padding_mode: Literal["reflect", "constant"] = "reflect"
+    # Shape bias (random convolution, Xu et al. 2021): probability per training patch that its texture and
+    # colour are replaced by a random convolution's (`medseg.transforms.random_conv`); shapes are kept.
+    random_convolution: float = Field(0.0, ge=0.0, le=1.0)
+    random_convolution_kernels: tuple[int, ...] = (1, 3, 5, 7)  # kernel sizes drawn from (odd)
+
+    @field_validator("random_convolution_kernels")
+    @classmethod
+    def _odd_kernels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(k < 1 or k % 2 == 0 for k in v):
+            raise ValueError(f"random_convolution_kernels must be odd sizes >= 1, got {list(v)}")
+        return v
+
+
+class UnlabeledConfig(_Section):
+    """Semi-supervised training from images without masks (`medseg.engine.pseudo_labels`). The epochs are split
+    into ``rounds`` + 1 equal parts (labeled-only warm-up first) or, with a ``teacher``, ``rounds`` parts. Each round
+    starts by predicting every unlabeled image once — with the teacher in the first round, the current model
+    otherwise (noisy student: the student becomes the teacher) — keeps the pixels the prediction is confident about,
+    and trains on labeled patches plus strongly augmented pseudo-labelled ones."""
+
+    enabled: bool = False  # off: an image without a mask is an error
+    rounds: int = Field(2, ge=1)  # pseudo-label passes (with a teacher bundle: every round uses the teacher)
+    confidence: float = Field(0.9, ge=0.0, le=1.0)  # keep a pixel when its confidence reaches this
+    measure: Literal["max_prob", "entropy"] = "max_prob"  # confidence = max softmax prob, or 1 - normalised entropy
+    share: float = Field(0.5, gt=0.0, lt=1.0)  # share of training patches drawn from pseudo-labelled images
+    strong_preset: Literal["none", "light", "default", "heavy"] = "heavy"  # student-side augmentation
+    teacher: Path | None = None  # a bundle to pseudo-label with (same input channels and classes); None: current model
 
 
 class TrainConfig(_Section):
@@ -198,6 +225,7 @@ class TrainConfig(_Section):
     deterministic: bool = False
     log_tensorboard: bool = False
     mlflow_uri: str | None = None
+    unlabeled: UnlabeledConfig = Field(default_factory=UnlabeledConfig)
 
 
 class InferenceConfig(_Section):

@@ -75,7 +75,8 @@ def discover_cases(
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise DatasetError(
-                f"{img_folder}: image without mask: {', '.join(missing[:3])}{more} — expected {root / masks_dir}/<same stem>.*"
+                f"{img_folder}: image without mask: {', '.join(missing[:3])}{more} — expected {root / masks_dir}/<same stem>.* "
+                "(or set train.unlabeled.enabled: true to train on images without masks)"
             )
     return [Case(id=s, image=p, mask=masks.get(s), instances=instances.get(s)) for s, p in images.items()]
 

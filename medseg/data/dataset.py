@@ -302,10 +302,16 @@ class PatchDataset(torch.utils.data.Dataset):
 
     The sampler keeps its own generator; ``state_dict``/``load_state_dict``/``reseed`` cover it together with the
     augmentation's (exact resume, distinct streams per loader worker).
+
+    ``pseudo`` (semi-supervised training, `medseg.engine.pseudo_labels.PseudoLabelledCases`): once it holds
+    pseudo-labels, each sample comes from a pseudo-labelled image with probability ``pseudo.share``, through
+    ``pseudo.augment`` (the strong augmentation); their unconfident pixels carry ``IGNORE_INDEX``.
     """
 
-    def __init__(self, cache: CaseCache, cfg: ExperimentConfig, augment: Callable, samples_per_epoch: int | None = None):
+    def __init__(self, cache: CaseCache, cfg: ExperimentConfig, augment: Callable, samples_per_epoch: int | None = None,
+                 pseudo: Any = None):
         self.cache = cache
+        self.pseudo = pseudo
         self.data = cfg.data
         self.k = cfg.data.context_slices
         self.augment = augment
@@ -333,17 +339,23 @@ class PatchDataset(torch.utils.data.Dataset):
         state = {"sampler": self.rng.bit_generator.state}
         if hasattr(self.augment, "state_dict"):
             state["augment"] = self.augment.state_dict()
+        if self.pseudo is not None and hasattr(self.pseudo.augment, "state_dict"):
+            state["pseudo_augment"] = self.pseudo.augment.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["sampler"]
         if "augment" in state and hasattr(self.augment, "load_state_dict"):
             self.augment.load_state_dict(state["augment"])
+        if "pseudo_augment" in state and self.pseudo is not None and hasattr(self.pseudo.augment, "load_state_dict"):
+            self.pseudo.augment.load_state_dict(state["pseudo_augment"])
 
     def reseed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed + 104_729)
         if hasattr(self.augment, "reseed"):
             self.augment.reseed(seed)
+        if self.pseudo is not None and hasattr(self.pseudo.augment, "reseed"):
+            self.pseudo.augment.reseed(seed + 7_919)
 
     def _reseed_in_worker(self) -> None:
         # Each loader worker holds a copy of the seeded sampler and augmentation: without a reseed from the
@@ -372,8 +384,13 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         self._reseed_in_worker()
-        i, z = self.items[index % len(self.items)]
-        d = self.cache[i]
+        augment = self.augment
+        if self.pseudo is not None and self.pseudo.ready and self.rng.random() < self.pseudo.share:
+            d, z = self.pseudo.draw(self.rng)
+            augment = self.pseudo.augment
+        else:
+            i, z = self.items[index % len(self.items)]
+            d = self.cache[i]
         z, (cy, cx), centred = self._centre(d, z)
         label_full = d["label"]
         h, w = label_full.shape[-2:]
@@ -391,7 +408,7 @@ class PatchDataset(torch.utils.data.Dataset):
                                   dtype=np.float32), ((0, 0), ypad, xpad), self.padding_mode)
             soft = np.ascontiguousarray(np.moveaxis(soft, 0, -1))
         extra = {} if soft is None else {"soft": soft}  # augmentations written before soft targets take 3 arguments
-        out = self.augment(
+        out = augment(
             np.ascontiguousarray(np.moveaxis(image, 0, -1)), np.ascontiguousarray(label),
             None if weight is None else np.ascontiguousarray(weight), **extra,
         )

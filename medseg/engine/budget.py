@@ -135,6 +135,9 @@ class BudgetGuard(L.Callback):
         self._val_start: float | None = None
         self._val_time = 0.0
         self._val_n = 0
+        # Time the run will spend outside training steps and validation (pseudo-label passes still to come):
+        # ``reserve(epoch, val_seconds_per_case) -> seconds``, set by the caller.
+        self.reserve: Callable[[int, float | None], float] | None = None
         self._set_length(0)
 
     # ----------------------------------------------------------------------------------------- state
@@ -212,6 +215,8 @@ class BudgetGuard(L.Callback):
             self._trim_val()
         val_rounds = remaining_epochs * per_case * (s.val_cases or 0)
         left = self.deadline - now - final_eval - margin - val_rounds
+        if self.reserve is not None:
+            left -= self.reserve(epoch, s.val_seconds_per_case)
         step_s = self._step_seconds()
         per_epoch = max(MIN_STEPS_PER_EPOCH, int(left / (remaining_epochs * step_s)))
         new_steps = s.epoch_steps[: epoch + 1] + [per_epoch] * remaining_epochs

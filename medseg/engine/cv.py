@@ -33,7 +33,7 @@ from medseg.config import ExperimentConfig
 from medseg.data import load_or_make_splits
 from medseg.engine.calibrate import Calibration, fit_temperature, sample_pixels
 from medseg.engine.evaluate import evaluate_cases
-from medseg.engine.train import load_cases, model_card, preprocessing_record, train
+from medseg.engine.train import labeled, load_cases, model_card, preprocessing_record, train
 from medseg.errors import DatasetError
 from medseg.inference import Predictor
 from medseg.io import write_probabilities
@@ -88,7 +88,7 @@ def cross_validate(
     out_dir.mkdir(parents=True, exist_ok=True)
     k_folds = folds or cfg.data.folds
     split_file = Path(cfg.data.split_file or out_dir / "splits.json")
-    cases = load_cases(cfg)
+    cases = labeled(load_cases(cfg))  # unlabeled images (train.unlabeled) train in every fold, never validate
     split = load_or_make_splits(split_file, cases, k_folds, cfg.data.split_seed)
     by_id = {c.id: c for c in cases}
 

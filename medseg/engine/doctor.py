@@ -440,7 +440,7 @@ def run_doctor(
         model = build_model(cfg.model, cfg.data.input_channels, cfg.data.num_classes)
     initial_state = copy.deepcopy(model.state_dict())
     try:
-        batches = _fixed_batches(cfg, cases[: max(1, overfit_batches * cfg.train.batch_size)], overfit_batches)
+        batches = _fixed_batches(cfg, [c for c in cases if c.mask is not None][: max(1, overfit_batches * cfg.train.batch_size)], overfit_batches)
     except MedsegError as e:
         report.add("data_pipeline", "error", str(e))
         return report

@@ -76,20 +76,38 @@ class TrainResult:
 
 
 def load_cases(cfg: ExperimentConfig) -> list[Case]:
+    """Every case of the dataset. Images without a mask (``images/`` entries with no mask, datalist rows with an
+    empty mask column) are an error unless ``train.unlabeled.enabled``; then they come back with ``mask=None``."""
     d = cfg.data
+    unlabeled = cfg.train.unlabeled.enabled
     if d.datalist is not None:
         cases = read_datalist(d.datalist, d.group_column)
     elif d.group_column is not None:
         raise ConfigError(f"data.group_column={d.group_column!r} needs data.datalist (a CSV/JSON with that column)")
     elif d.root is not None:
-        cases = discover_cases(d.root, d.images_dir, d.masks_dir, d.instances_dir)
+        cases = discover_cases(d.root, d.images_dir, d.masks_dir, d.instances_dir, require_masks=not unlabeled)
     else:
         raise ConfigError("config names no data: set data.root (images/ + masks/) or data.datalist, or pass --data")
     if d.limit_cases:
         cases = cases[: d.limit_cases]
     if not cases:
         raise DatasetError("empty dataset")
+    missing = [c for c in cases if c.mask is None]
+    if missing and not unlabeled:
+        names = ", ".join(c.image.name for c in missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise DatasetError(f"{d.datalist.name if d.datalist else d.root}: image without a mask: {names} — give it a "
+                           "mask, or set train.unlabeled.enabled: true to train on it with pseudo-labels")
+    if unlabeled and len(missing) == len(cases):
+        raise DatasetError("train.unlabeled: every image lacks a mask; semi-supervised training needs some labeled ones")
     return cases
+
+
+def labeled(cases: list[Case]) -> list[Case]:
+    return [c for c in cases if c.mask is not None]
+
+
+def unlabeled_cases(cases: list[Case]) -> list[Case]:
+    return [c for c in cases if c.mask is None]
 
 
 def split_file_for(cfg: ExperimentConfig, out_dir: Path) -> Path:
@@ -97,6 +115,8 @@ def split_file_for(cfg: ExperimentConfig, out_dir: Path) -> Path:
 
 
 def split_cases(cfg: ExperimentConfig, cases: list[Case], out_dir: Path) -> tuple[list[Case], list[Case]]:
+    """(train, val) among the labeled cases (the folds hold only those; unlabeled images are training-only)."""
+    cases = labeled(cases)
     split_file = split_file_for(cfg, out_dir)
     folds = load_or_make_splits(Path(split_file), cases, cfg.data.folds, cfg.data.split_seed)
     train_ids, val_ids = train_val_ids(folds, cfg.data.fold)
@@ -287,27 +307,51 @@ def build_trainer(
     )
 
 
+def build_train_augmentation(cfg: ExperimentConfig, preset: str | None = None, seed_offset: int = 0):
+    """The 2D training augmentation from ``cfg.augment`` (``preset``: another preset, e.g. the strong one of
+    semi-supervised training), with the shape-bias random convolution when configured."""
+    a = cfg.augment
+    return build_augmentation_2d(
+        preset or a.preset, cfg.data.patch_size, cfg.data.input_channels, padding_mode=a.padding_mode,
+        rgb=cfg.data.channels == 3 and cfg.data.context_slices == 0,  # no hue shifts on stacks of gray slices
+        seed=cfg.train.seed + seed_offset,  # albumentations keeps its own RNG, which seed_everything does not reach
+        random_convolution=a.random_convolution, random_convolution_kernels=a.random_convolution_kernels,
+    )
+
+
 def build_dataloaders(cfg: ExperimentConfig, train_cases: list[Case], val_cases: list[Case], progress: bool = False,
-                      cache_dir: Path | None = None, wrap_train_cache: Callable | None = None):
-    """(train loader of random augmented patches, val loader of whole cases on the model grid). ``wrap_train_cache``:
-    turns the training cases' cache into the one patches are drawn from (`medseg distill` adds teacher targets)."""
+                      cache_dir: Path | None = None, unlabeled: list[Case] | None = None,
+                      wrap_train_cache: Callable | None = None):
+    """(train loader of random augmented patches, val loader of whole cases on the model grid). ``unlabeled``: images
+    without masks for semi-supervised training; the train dataset's ``pseudo`` then holds them (`PseudoLabelledCases`).
+    ``wrap_train_cache``: turns the training cases' cache into the one patches are drawn from (`medseg distill` adds
+    teacher targets)."""
     train_cache = build_case_cache(train_cases, cfg, progress=progress, cache_dir=cache_dir, check_left_out=False)
     val_cache = build_case_cache(val_cases, cfg, progress=progress, cache_dir=cache_dir, check_left_out=False)
-    check_left_out_share([*train_cache.problems, *val_cache.problems], len(train_cases) + len(val_cases))
+    pseudo = None
+    problems = [*train_cache.problems, *val_cache.problems]
+    if unlabeled:
+        from medseg.engine.pseudo_labels import PseudoLabelledCases
+
+        unlabeled_cache = build_case_cache(unlabeled, cfg, progress=progress, cache_dir=cache_dir, check_left_out=False)
+        problems += unlabeled_cache.problems
+        u = cfg.train.unlabeled
+        pseudo = PseudoLabelledCases(unlabeled_cache, build_train_augmentation(cfg, u.strong_preset, seed_offset=7_919),
+                                     u.share, weight_map=cfg.loss.weight_map)
+    check_left_out_share(problems, len(train_cases) + len(val_cases) + len(unlabeled or []))
     if wrap_train_cache is not None:
         train_cache = wrap_train_cache(train_cache)
-    augment = build_augmentation_2d(
-        cfg.augment.preset, cfg.data.patch_size, cfg.data.input_channels, padding_mode=cfg.augment.padding_mode,
-        rgb=cfg.data.channels == 3 and cfg.data.context_slices == 0,  # no hue shifts on stacks of gray slices
-        seed=cfg.train.seed,  # albumentations keeps its own RNG, which seed_everything does not reach
-    )
-    train_ds = PatchDataset(train_cache, cfg, augment, cfg.train.samples_per_epoch)
+    augment = build_train_augmentation(cfg)
+    train_ds = PatchDataset(train_cache, cfg, augment, cfg.train.samples_per_epoch, pseudo=pseudo)
     bs = cfg.train.batch_size
     workers = cfg.data.num_workers
     train_dl = torch.utils.data.DataLoader(
         train_ds, batch_size=bs, shuffle=True, num_workers=workers,
         drop_last=len(train_ds) > bs,  # a last batch of 1 breaks BatchNorm
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available() and cfg.train.accelerator != "cpu",
+        # Persistent workers would keep the pseudo-labels of the round they started in: each epoch's workers must
+        # start from the dataset as the round left it.
+        persistent_workers=workers > 0 and pseudo is None,
+        pin_memory=torch.cuda.is_available() and cfg.train.accelerator != "cpu",
     )
     val_ds = WholeCaseDataset(val_cache, cfg, max_cases=cfg.train.val_max_cases, seed=cfg.data.split_seed)
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=1, collate_fn=collate_single)
@@ -327,6 +371,7 @@ class _RunSetup:
     fingerprint: dict | None
     plan_rows: list[tuple[str, str, str]]
     left_out: list[str] = field(default_factory=list)
+    unlabeled: list[Case] = field(default_factory=list)  # images without masks (train.unlabeled)
 
 
 def _prepare_run(cfg: ExperimentConfig, out_dir: Path, resuming: bool, device: DeviceProfile | None) -> _RunSetup:
@@ -343,7 +388,20 @@ def _prepare_run(cfg: ExperimentConfig, out_dir: Path, resuming: bool, device: D
             log.info("plan: %s = %s  (%s)", key, value, reason)
     (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
     write_run_info(cfg, out_dir, resuming)
-    return _RunSetup(cfg, train_cases, val_cases, fingerprint, rows)
+    unlabeled = unlabeled_cases(cases)
+    if cfg.train.unlabeled.enabled:
+        _check_unlabeled(cfg, unlabeled)
+    return _RunSetup(cfg, train_cases, val_cases, fingerprint, rows, unlabeled=unlabeled)
+
+
+def _check_unlabeled(cfg: ExperimentConfig, unlabeled: list[Case]) -> None:
+    if cfg.model.cache_encoder_features:
+        raise ConfigError("train.unlabeled and model.cache_encoder_features exclude each other: cached features are "
+                          "computed once for the labeled patches only")
+    if not unlabeled:
+        log.warning("train.unlabeled is on but every image has a mask: training on the labeled images only")
+    else:
+        log.info("semi-supervised: %d images without masks get pseudo-labels", len(unlabeled))
 
 
 def _budget_guard(cfg: ExperimentConfig, train_dl, val_dl, n_val: int, start: float, clock,
@@ -403,18 +461,27 @@ def train(
     cfg = setup.cfg
     log.info("training on %d cases, validating on %d", len(setup.train_cases), len(setup.val_cases))
     train_dl, val_dl = build_dataloaders(cfg, setup.train_cases, setup.val_cases, progress, cache_dir=out_dir / "cache",
+                                         unlabeled=setup.unlabeled if cfg.train.unlabeled.enabled else None,
                                          wrap_train_cache=wrap_train_cache)
 
     left_out = [*train_dl.dataset.cache.problems, *val_dl.dataset.cache.problems]
+    rounds = None
+    if train_dl.dataset.pseudo is not None:
+        from medseg.engine.pseudo_labels import PseudoLabelRounds
+
+        left_out += train_dl.dataset.pseudo.cache.problems
+        rounds = PseudoLabelRounds(cfg, train_dl.dataset.pseudo, out_dir, clock=clock)
     module = SegModule(cfg)
     if cfg.model.cache_encoder_features:  # the decoder trains on a frozen encoder's features, computed once per case
         train_dl = attach_feature_cache(module, train_dl, cfg)
     guard = _budget_guard(cfg, train_dl, val_dl, len(setup.val_cases), start, clock, device)
+    if guard is not None and rounds is not None:
+        guard.reserve = rounds.reserve_seconds
     module.planned_steps = guard.state.epoch_steps if guard else None
     # The RNG state (global, the patch sampler's and the augmentation's own) goes into every checkpoint: --resume
     # then draws the same patches as an uninterrupted run would.
     rng_state = ResumableRandomState(train_dl.dataset, cfg.train.seed)
-    callbacks = [rng_state, *([guard] if guard else []), *(extra_callbacks or [])]
+    callbacks = [rng_state, *([guard] if guard else []), *([rounds] if rounds else []), *(extra_callbacks or [])]
     if guard is not None and max_time is None:  # the guard plans to finish in time; this is the backstop
         max_time = timedelta(seconds=max(1.0, guard.deadline - clock()))
     trainer = build_trainer(cfg, out_dir, progress, callbacks, max_time, reload_dataloaders=guard is not None)
@@ -478,6 +545,12 @@ def _finish(cfg: ExperimentConfig, out_dir: Path, setup: _RunSetup, trainer: L.T
         plan = ("\n## Plan\n" + "\n".join(f"- `{k}` = {v}: {why}" for k, v, why in setup.plan_rows) + "\n"
                 if setup.plan_rows else "")
         extra = (("\n## Ensemble\n" + "\n".join(notes) + f"\n- Members: {', '.join(members)}\n") if notes else "") + plan
+        pseudo_rounds = _pseudo_label_stats(trainer)
+        if pseudo_rounds:
+            extra += (f"\n## Semi-supervised\n- {len(setup.unlabeled)} images without masks, pseudo-labelled in "
+                      f"{len(pseudo_rounds)} round(s); pixels kept (confidence ≥ {cfg.train.unlabeled.confidence}, "
+                      f"{cfg.train.unlabeled.measure}): "
+                      + ", ".join(f"{100 * r['kept_share']:.0f}%" for r in pseudo_rounds) + "\n")
         if setup.left_out:
             extra += "\n## Cases left out (unreadable)\n" + "\n".join(f"- {p}" for p in setup.left_out) + "\n"
         save_bundle(
@@ -516,4 +589,15 @@ def _record_result(out_dir: Path, shipped: float, best: float, trainer: L.Traine
     guard = next((c for c in trainer.callbacks if isinstance(c, BudgetGuard)), None)
     if guard is not None:
         info["budget"] = guard.state_dict()
+    pseudo_rounds = _pseudo_label_stats(trainer)
+    if pseudo_rounds:
+        info["pseudo_labels"] = pseudo_rounds
     path.write_text(json.dumps(info, indent=1, default=str))
+
+
+def _pseudo_label_stats(trainer: L.Trainer) -> list[dict]:
+    """Per pseudo-label round: epoch, teacher or not, cases, share of pixels kept, seconds (none without rounds)."""
+    from medseg.engine.pseudo_labels import PseudoLabelRounds
+
+    rounds = next((c for c in trainer.callbacks if isinstance(c, PseudoLabelRounds)), None)
+    return list(rounds.stats) if rounds is not None else []

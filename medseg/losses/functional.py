@@ -8,6 +8,10 @@ U-Net boundary weight map.
 Pixel-weighted losses are **means over pixels** of ``w(x)·loss(x)`` (not divided by ``Σw``), so an
 all-ones map gives the unweighted loss and the U-Net map's border pixels add to it, as in the paper's
 energy ``Σ w(x) log p(x)``. Dice and focal come from MONAI; the weighted cross-entropy is ours.
+
+Target pixels equal to ``IGNORE_INDEX`` (255) add nothing to any loss: pseudo-labelled pixels the teacher was not
+confident about (`medseg.engine.pseudo_labels`). They weigh 0 in the pixel-weighted losses (which stay means over all
+pixels) and are masked out of Dice (MONAI ``MaskedDiceLoss``). Labeled data never holds 255 (labels are class indices).
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss as _MonaiDice
 from monai.losses import FocalLoss as _MonaiFocal
+from monai.losses import MaskedDiceLoss as _MonaiMaskedDice
 
-__all__ = ["focal_loss", "soft_dice_loss", "weighted_bce", "weighted_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "focal_loss", "soft_dice_loss", "weighted_bce", "weighted_cross_entropy"]
+
+IGNORE_INDEX = 255  # a target pixel without a label: no loss (class indices stay below it)
 
 
 def _class_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -34,6 +41,21 @@ def _class_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if target.is_floating_point():
         target = target.round()
     return target.long()
+
+
+def _ignored(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(target with ignored pixels set to class 0, valid mask (B, *spatial) float)``; mask None when no pixel is
+    ignored, so fully labeled batches compute exactly what they did before ignore labels existed."""
+    ignore = target == IGNORE_INDEX
+    if not bool(ignore.any()):
+        return target, None
+    return target.masked_fill(ignore, 0), (~ignore).float()
+
+
+def _with_valid(weights: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor | None:
+    if valid is None:
+        return weights
+    return valid if weights is None else weights * valid.to(weights.dtype)
 
 
 def _pixel_weights(
@@ -82,9 +104,9 @@ def weighted_cross_entropy(
     Returns:
         scalar: mean over pixels of ``w·CE``.
     """
-    target = _class_target(logits, target)
+    target, valid = _ignored(_class_target(logits, target))
     ce = F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
-    return _weighted_mean(ce, _pixel_weights(ce, target, weight_map, class_weights))
+    return _weighted_mean(ce, _with_valid(_pixel_weights(ce, target, weight_map, class_weights), valid))
 
 
 def weighted_bce(
@@ -106,12 +128,12 @@ def weighted_bce(
     """
     if logits.ndim < 2 or logits.shape[1] != 1:
         raise ValueError(f"weighted_bce takes one-channel logits (B, 1, *spatial), got {tuple(logits.shape)}")
-    target = _class_target(logits, target)
+    target, valid = _ignored(_class_target(logits, target))
     t = target.to(logits.dtype)
     if label_smoothing:
         t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
     bce = F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none")
-    return _weighted_mean(bce, _pixel_weights(bce, target, weight_map, None))
+    return _weighted_mean(bce, _with_valid(_pixel_weights(bce, target, weight_map, None), valid))
 
 
 def soft_dice_loss(
@@ -135,7 +157,10 @@ def soft_dice_loss(
     Returns:
         scalar.
     """
-    target = _class_target(logits, target)[:, None]
+    target, valid = _ignored(_class_target(logits, target))
+    if valid is not None:
+        return _masked_dice(logits, target, valid, include_background, smooth, batch)
+    target = target[:, None]
     if logits.shape[1] == 1:
         loss = _MonaiDice(sigmoid=True, smooth_nr=smooth, smooth_dr=smooth, batch=batch)
     else:
@@ -148,6 +173,20 @@ def soft_dice_loss(
             batch=batch,
         )
     return loss(logits, target.to(logits.dtype))
+
+
+def _masked_dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, include_background: bool,
+                 smooth: float, batch: bool) -> torch.Tensor:
+    """Dice over the valid pixels only. The target is one-hot encoded here, before masking: MONAI would one-hot
+    the masked target and so call every ignored pixel background."""
+    mask = valid[:, None].to(logits.dtype)
+    if logits.shape[1] == 1:
+        loss = _MonaiMaskedDice(sigmoid=True, smooth_nr=smooth, smooth_dr=smooth, batch=batch)
+        return loss(logits, target[:, None].to(logits.dtype), mask)
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+    loss = _MonaiMaskedDice(include_background=include_background, softmax=True, smooth_nr=smooth, smooth_dr=smooth,
+                            batch=batch)
+    return loss(logits, onehot, mask)
 
 
 def focal_loss(
@@ -165,7 +204,7 @@ def focal_loss(
         scalar: mean over pixels of ``w·focal`` (summed over classes per pixel, so the scale matches CE;
         MONAI's own ``mean`` also divides by K).
     """
-    target = _class_target(logits, target)
+    target, valid = _ignored(_class_target(logits, target))
     if logits.shape[1] == 1:
         monai_focal = _MonaiFocal(gamma=gamma, reduction="none")
         per_class = monai_focal(logits, target[:, None].to(logits.dtype))
@@ -173,4 +212,4 @@ def focal_loss(
         monai_focal = _MonaiFocal(to_onehot_y=True, use_softmax=True, gamma=gamma, reduction="none")
         per_class = monai_focal(logits, target[:, None])
     per_pixel = per_class.sum(dim=1)
-    return _weighted_mean(per_pixel, _pixel_weights(per_pixel, target, weight_map, class_weights))
+    return _weighted_mean(per_pixel, _with_valid(_pixel_weights(per_pixel, target, weight_map, class_weights), valid))

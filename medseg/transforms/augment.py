@@ -11,6 +11,8 @@ The image ``(H, W, C)`` float32 in [0, 1], the class mask ``(H, W)`` and an opti
    ``INTER_NEAREST_EXACT`` for the mask: cv2's plain ``INTER_NEAREST`` resize is off by ~half a pixel.
 2. **photometric** — brightness/contrast/gamma, noise/blur, hue/colour: image only; running it separately
    keeps these away from the weight map, which as an ``image`` target would otherwise receive them too.
+3. **random convolution** (optional, ``augment.random_convolution``): the shape-bias transform of
+   `medseg.transforms.random_conv`, image only, last.
 
 Images smaller than the patch are mirror-padded first (``PadIfNeeded``, ``BORDER_REFLECT_101`` = numpy
 ``reflect``), then a random crop whose size varies around the patch size (zoom relative to the *patch*, so
@@ -32,6 +34,7 @@ import numpy as np
 
 from medseg.transforms.augment_presets import AUGMENTATIONS, CV2_BORDER, PaddingMode, PresetSpec
 from medseg.transforms.augment_rng import ComposeRandomState
+from medseg.transforms.random_conv import RandomConvolution
 
 __all__ = ["Augment2D", "build_augmentation_2d"]
 
@@ -45,11 +48,29 @@ class Augment2D(ComposeRandomState):
     pipelines' private generators (`ComposeRandomState`).
     """
 
-    def __init__(self, geometric: A.Compose, photometric: A.Compose, channels: int) -> None:
+    def __init__(self, geometric: A.Compose, photometric: A.Compose, channels: int,
+                 texture: RandomConvolution | None = None) -> None:
         super().__init__((geometric, photometric))
         self.geometric = geometric
         self.photometric = photometric
         self.channels = channels
+        self.texture = texture
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.texture is not None:
+            state["random_convolution"] = self.texture.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.texture is not None and "random_convolution" in state:
+            self.texture.load_state_dict(state["random_convolution"])
+
+    def reseed(self, seed: int) -> None:
+        super().reseed(seed)
+        if self.texture is not None:
+            self.texture.set_random_state((seed + len(self.composes)) % 2**32)
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, weight: np.ndarray | None = None, soft: np.ndarray | None = None
@@ -71,6 +92,8 @@ class Augment2D(ComposeRandomState):
         image_out = self.photometric(image=out["image"])["image"]
         if image_out.ndim == 2:  # one-channel images may come back without their channel axis
             image_out = image_out[..., None]
+        if self.texture is not None:
+            image_out = np.moveaxis(self.texture(np.ascontiguousarray(np.moveaxis(image_out, -1, 0))), 0, -1)
         result = {"image": image_out.astype(np.float32, copy=False), "mask": out["mask"].astype(mask.dtype)}
         if weight is not None:
             result["weight"] = out["weight"].astype(np.float32, copy=False)
@@ -87,6 +110,8 @@ def build_augmentation_2d(
     *,
     rgb: bool | None = None,
     seed: int | None = None,
+    random_convolution: float = 0.0,
+    random_convolution_kernels: Sequence[int] = (1, 3, 5, 7),
 ) -> Augment2D:
     """Build a 2D training augmentation from a preset name (``AUGMENTATIONS``: none, light, default, heavy).
 
@@ -99,6 +124,8 @@ def build_augmentation_2d(
         rgb: apply colour (hue/saturation) transforms; None -> ``channels == 3``. Pass False for 2.5D stacks
             of 3 gray slices.
         seed: seeds both pipelines, for reproducible runs and tests.
+        random_convolution: probability per patch of the random-convolution shape-bias transform
+            (`medseg.transforms.random_conv`); ``random_convolution_kernels`` its kernel sizes.
     """
     if padding_mode not in CV2_BORDER:
         raise ValueError(f"padding_mode must be reflect or constant, got {padding_mode!r}")
@@ -126,8 +153,13 @@ def build_augmentation_2d(
             mask_interpolation=cv2.INTER_NEAREST_EXACT,
         )
     seeds = (None, None) if seed is None else (seed, seed + 1)
+    texture = None
+    if random_convolution > 0:
+        texture = RandomConvolution(random_convolution, random_convolution_kernels)
+        texture.set_random_state(None if seed is None else seed + 2)
     return Augment2D(
         A.Compose([pad, crop, *geometric], additional_targets={"weight": "image", "soft": "image"}, seed=seeds[0]),
         A.Compose(photometric, seed=seeds[1]),
         channels,
+        texture,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -79,3 +80,34 @@ def test_steps_turning_slower_shrink_the_rest_and_still_anneal(tiny_cfg, tmp_pat
     assert fake.now - 1000.0 <= 60.0
     lengths = [r["steps_per_epoch"] for r in info["budget"]["replans"]]
     assert lengths[-1] < max(lengths)  # later epochs got shorter once steps cost 4x more
+
+
+@pytest.mark.slow  # 6 short epochs and two passes: ~1 min alone, several on a loaded machine
+def test_a_budget_reserves_the_pseudo_label_passes_still_to_come(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Semi-supervised rounds: each pass over the unlabeled images costs (fake) time outside the training steps; the
+    guard reserves the passes still to come, so the run still ends inside its budget."""
+    from conftest import REPO, TINY_OVERRIDES, make_tiny_dataset
+
+    from medseg.config import load_config
+    from medseg.engine.pseudo_labels import PseudoLabelRounds
+
+    data = make_tiny_dataset(tmp_path / "data", n=11)
+    for p in sorted((data / "masks").iterdir())[-3:]:
+        p.unlink()
+    cfg = load_config(REPO / "configs/experiments/demo_nuclei.yaml", [
+        f"data.root={data}", *TINY_OVERRIDES, "train.budget_minutes=1.0", "train.epochs=6",
+        "train.unlabeled.enabled=true", "train.unlabeled.rounds=2"])
+    fake = FakeClock(lambda step: 1.0, val_seconds=0.2)
+    real_pass = PseudoLabelRounds._predict_all
+
+    def slow_pass(self, pl_module, use_teacher):
+        labels = real_pass(self, pl_module, use_teacher)
+        fake.now += 5.0 * len(labels)  # 15 s per pass: a quarter of the budget each
+        return labels
+
+    monkeypatch.setattr(PseudoLabelRounds, "_predict_all", slow_pass)
+    # Lightning's max_time backstop runs on the real clock: a loaded CI machine must not cut the fake minute short.
+    train(cfg, tmp_path / "run", progress=False, extra_callbacks=[fake], clock=fake, max_time=timedelta(hours=1))
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert [r["seconds"] for r in info["pseudo_labels"]] == [15.0, 15.0]
+    assert fake.now - 1000.0 <= 60.0  # steps + validation + both passes

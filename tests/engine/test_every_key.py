@@ -135,10 +135,10 @@ class ConfigReads:
 
 @dataclass
 class Scenario:
-    """One tiny run. ``data``: nuclei | renamed (other folder names) | datalist | hippo; ``run``: train (then
-    predict one scan with the bundle) | tune | distill (train a teacher, distill it, predict with the student).
-    ``optional_package``: the keys need it; where it is not installed the run must stop at once with a one-line
-    ConfigError naming it."""
+    """One tiny run. ``data``: nuclei | renamed (other folder names) | datalist | hippo | partly (3 images without
+    masks); ``run``: train (then predict one scan with the bundle) | tune | distill (train a teacher, distill it,
+    predict with the student). ``optional_package``: the keys need it; where it is not installed the run must stop at
+    once with a one-line ConfigError naming it."""
 
     name: str
     overrides: list[str]
@@ -197,6 +197,12 @@ SCENARIOS = [
              data="renamed"),
     Scenario("datalist_groups", ["data.root=null", "data.datalist=DATALIST", "data.group_column=site"], data="datalist"),
     Scenario("budget", ["train.budget_minutes=0.3", "train.epochs=2"]),
+    # Images without masks, pseudo-labelled by a teacher (the options_2d bundle) in the one round (epoch 0).
+    Scenario("semi_supervised_shape_bias", [
+        "train.epochs=2", "train.unlabeled.enabled=true", "train.unlabeled.rounds=1", "train.unlabeled.confidence=0.7",
+        "train.unlabeled.measure=entropy", "train.unlabeled.share=0.3", "train.unlabeled.strong_preset=light",
+        "train.unlabeled.teacher=TEACHER", "augment.random_convolution=0.5", "augment.random_convolution_kernels=[3, 5]",
+    ], data="partly"),  # fmt: skip
     Scenario("hippocampus_2p5d", [
         "data.patch_size=[32, 32]", "data.context_slices=1", "data.slice_axis=1", "data.resample=spacing",
         "data.target_spacing=[1.5, 1.5, 1.5]", "data.intensity=fixed", "data.intensity_range=[0.0, 600.0]",
@@ -232,18 +238,23 @@ def _datasets(root: Path) -> dict[str, Path]:
         for i, p in enumerate(sorted((nuclei / "images").iterdir()))
     ]
     datalist.write_text("\n".join(rows) + "\n")
+    partly = root / "partly"
+    shutil.copytree(nuclei, partly)
+    for p in sorted((partly / "masks").iterdir())[-3:]:
+        p.unlink()
     hippo = root / "hippo"
     shared = REPO.parent / "shared/datasets/msd_hippocampus"
     for sub in ("images", "masks"):
         (hippo / sub).mkdir(parents=True)
         for p in sorted((shared / sub).iterdir())[:4]:
             shutil.copy(p, hippo / sub / p.name)
-    return {"nuclei": nuclei, "renamed": renamed, "datalist": datalist, "hippo": hippo}
+    return {"nuclei": nuclei, "renamed": renamed, "datalist": datalist, "hippo": hippo, "partly": partly}
 
 
 def _config(s: Scenario, data: dict[str, Path], out: Path) -> ExperimentConfig:
-    root = data["hippo" if s.data == "hippo" else "renamed" if s.data == "renamed" else "nuclei"]
-    subst = {"SPLITS": str(out / "my_splits.json"), "DATALIST": str(data["datalist"]), "MLRUNS": str(out / "mlruns")}
+    root = data[s.data] if s.data in ("hippo", "renamed", "partly") else data["nuclei"]
+    subst = {"SPLITS": str(out / "my_splits.json"), "DATALIST": str(data["datalist"]), "MLRUNS": str(out / "mlruns"),
+             "TEACHER": str(out.parent / "options_2d" / "bundle")}
     overrides = []
     for o in s.overrides:
         for k, v in subst.items():

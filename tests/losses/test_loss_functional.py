@@ -134,3 +134,47 @@ def test_focal_by_hand_and_gamma_zero_is_ce(batch) -> None:
     torch.testing.assert_close(
         focal_loss(x1, y1, gamma=0.0), F.binary_cross_entropy_with_logits(x1[:, 0], y1.float())
     )
+
+
+# ------------------------------------------------------------------------- ignore label (pseudo-labels)
+
+
+@pytest.mark.parametrize("name", ["ce", "bce", "dice", "dice_ce", "focal", "dice_focal"])
+def test_ignored_pixels_add_nothing_to_any_loss(name: str) -> None:
+    """Pixels labelled IGNORE_INDEX: no gradient, and the loss equals the loss with those pixels' logits changed
+    arbitrarily (what a confidence filter promises: unconfident pseudo-labels do not train)."""
+    from medseg.config import LossConfig
+    from medseg.losses import build_loss
+    from medseg.losses.functional import IGNORE_INDEX
+
+    loss = build_loss(LossConfig(name=name))
+    k = 1 if name == "bce" else 2
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, k, 8, 8, generator=g, requires_grad=True)
+    target = torch.randint(0, 2, (2, 8, 8), generator=g)
+    target[:, :3] = IGNORE_INDEX
+    value = loss(logits, target)
+    value.backward()
+    assert logits.grad[:, :, :3].abs().max() == 0
+    assert logits.grad[:, :, 3:].abs().max() > 0
+    other = logits.detach().clone()
+    other[:, :, :3] = torch.randn(2, k, 3, 8, generator=g) * 10
+    torch.testing.assert_close(loss(other, target), value.detach())
+
+
+def test_dice_over_valid_pixels_equals_dice_of_the_labeled_region() -> None:
+    from medseg.losses.functional import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 10, 10, generator=g)
+    target = torch.randint(0, 3, (2, 10, 10), generator=g)
+    partial = target.clone()
+    partial[:, 6:] = IGNORE_INDEX
+    for background in (False, True):  # with background counted, ignored pixels must not count as background
+        torch.testing.assert_close(soft_dice_loss(logits, partial, include_background=background),
+                                   soft_dice_loss(logits[:, :, :6], target[:, :6], include_background=background))
+    # Pixel-weighted losses stay means over all pixels: ignored ones weigh 0.
+    weights = torch.ones(2, 10, 10)
+    weights[:, 6:] = 0
+    torch.testing.assert_close(weighted_cross_entropy(logits, partial), weighted_cross_entropy(logits, target, weights))
+    torch.testing.assert_close(focal_loss(logits, partial), focal_loss(logits, target, weights))
