@@ -446,31 +446,19 @@ def train(
     every validation case through the Predictor (on the cases' own grids): that Dice is what the model card, the
     result and run_info.json report. ``resume`` continues from ``checkpoints/last.ckpt``.
     """
-    start = clock()
-    wall_start = time.time()
+    start, wall_start = clock(), time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    last = out_dir / "checkpoints" / "last.ckpt"
-    resuming = resume and last.exists()
-    if not resuming:
-        # A fresh run must not inherit members or checkpoints of an earlier run in the same folder.
-        shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    last, resuming = _fresh_or_resumed(out_dir, resume)
     setup = _prepare_run(cfg, out_dir, resuming, device)
     cfg = setup.cfg
     log.info("training on %d cases, validating on %d", len(setup.train_cases), len(setup.val_cases))
     train_dl, val_dl = build_dataloaders(cfg, setup.train_cases, setup.val_cases, progress, cache_dir=out_dir / "cache",
                                          unlabeled=setup.unlabeled if cfg.train.unlabeled.enabled else None,
                                          wrap_train_cache=wrap_train_cache)
-
-    left_out = [*train_dl.dataset.cache.problems, *val_dl.dataset.cache.problems]
-    rounds = None
-    if train_dl.dataset.pseudo is not None:
-        from medseg.engine.pseudo_labels import PseudoLabelRounds
-
-        left_out += train_dl.dataset.pseudo.cache.problems
-        rounds = PseudoLabelRounds(cfg, train_dl.dataset.pseudo, out_dir, clock=clock)
+    setup.left_out = [*train_dl.dataset.cache.problems, *val_dl.dataset.cache.problems]
+    rounds = _pseudo_label_rounds(cfg, train_dl, setup, out_dir, clock)
     module = SegModule(cfg)
     if cfg.model.cache_encoder_features:  # the decoder trains on a frozen encoder's features, computed once per case
         train_dl = attach_feature_cache(module, train_dl, cfg)
@@ -480,21 +468,45 @@ def train(
     module.planned_steps = guard.state.epoch_steps if guard else None
     # The RNG state (global, the patch sampler's and the augmentation's own) goes into every checkpoint: --resume
     # then draws the same patches as an uninterrupted run would.
-    rng_state = ResumableRandomState(train_dl.dataset, cfg.train.seed)
-    callbacks = [rng_state, *([guard] if guard else []), *([rounds] if rounds else []), *(extra_callbacks or [])]
+    callbacks = [ResumableRandomState(train_dl.dataset, cfg.train.seed), *([guard] if guard else []),
+                 *([rounds] if rounds else []), *(extra_callbacks or [])]
     if guard is not None and max_time is None:  # the guard plans to finish in time; this is the backstop
         max_time = timedelta(seconds=max(1.0, guard.deadline - clock()))
     trainer = build_trainer(cfg, out_dir, progress, callbacks, max_time, reload_dataloaders=guard is not None)
-    # Our checkpoints hold only tensors, numbers, strings and containers (model, optimiser, scheduler,
-    # loop and callback state), so resume loads them with weights_only=True: nothing is unpickled.
-    if resuming:  # a tampered or damaged last.ckpt: a one-line error now, not a traceback from inside fit
-        load_checkpoint(last)
-    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resuming else None,
-                weights_only=True if resuming else None)
-    setup.left_out = left_out
+    _fit(trainer, module, train_dl, val_dl, last if resuming else None)
     readable = set(val_dl.dataset.cache.ids)
     setup.val_cases = [c for c in setup.val_cases if c.id in readable]
     return _finish(cfg, out_dir, setup, trainer, module, wall_start)
+
+
+def _pseudo_label_rounds(cfg: ExperimentConfig, train_dl, setup: _RunSetup, out_dir: Path, clock):
+    """The callback that pseudo-labels the unlabeled images each round (``train.unlabeled``), or None."""
+    if train_dl.dataset.pseudo is None:
+        return None
+    from medseg.engine.pseudo_labels import PseudoLabelRounds
+
+    setup.left_out += train_dl.dataset.pseudo.cache.problems
+    return PseudoLabelRounds(cfg, train_dl.dataset.pseudo, out_dir, clock=clock)
+
+
+def _fresh_or_resumed(out_dir: Path, resume: bool) -> tuple[Path, bool]:
+    """(``checkpoints/last.ckpt``, whether the run resumes from it). A fresh run must not inherit members or
+    checkpoints of an earlier run in the same folder: those are removed."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    resuming = resume and last.exists()
+    if not resuming:
+        shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return last, resuming
+
+
+def _fit(trainer: L.Trainer, module: SegModule, train_dl, val_dl, resume_from: Path | None) -> None:
+    # Our checkpoints hold only tensors, numbers, strings and containers (model, optimiser, scheduler,
+    # loop and callback state), so resume loads them with weights_only=True: nothing is unpickled.
+    if resume_from is not None:  # a tampered or damaged last.ckpt: a one-line error now, not a traceback from fit
+        load_checkpoint(resume_from)
+    trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume_from) if resume_from else None,
+                weights_only=True if resume_from else None)
 
 
 def _collect_members(cfg: ExperimentConfig, out_dir: Path, trainer: L.Trainer, module: SegModule
