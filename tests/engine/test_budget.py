@@ -86,7 +86,7 @@ def test_steps_turning_slower_shrink_the_rest_and_still_anneal(tiny_cfg, tmp_pat
 def test_a_budget_reserves_the_pseudo_label_passes_still_to_come(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Semi-supervised rounds: each pass over the unlabeled images costs (fake) time outside the training steps; the
     guard reserves the passes still to come, so the run still ends inside its budget."""
-    from conftest import REPO, TINY_OVERRIDES, make_tiny_dataset
+    from engine_data import REPO, TINY_OVERRIDES, make_tiny_dataset
 
     from medseg.config import load_config
     from medseg.engine.pseudo_labels import PseudoLabelRounds

@@ -23,7 +23,7 @@ STUDENT_SETS = ["--set", "train.epochs=1", "--set", "train.samples_per_epoch=8",
 @pytest.fixture(scope="module")
 def teacher(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real two-member teacher: a snapshot ensemble (two SGDR cycles of one epoch) on the tiny nuclei crops."""
-    from conftest import REPO, TINY_OVERRIDES
+    from engine_data import REPO, TINY_OVERRIDES
 
     from medseg.config import load_config
     from medseg.engine.train import train

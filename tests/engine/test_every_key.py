@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_dataset
+from engine_data import make_tiny_dataset
 from pydantic import BaseModel
 
 from medseg.config import ExperimentConfig, _Section, load_config

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_OVERRIDES, make_tiny_dataset
+from engine_data import REPO, TINY_OVERRIDES, make_tiny_dataset
 from typer.testing import CliRunner
 
 from medseg.cli import app

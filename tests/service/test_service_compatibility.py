@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import build_tiny_bundle, running_service
+from service_support import build_tiny_bundle, running_service
 from test_service_api import CLIENT, nuclei_image, submit, wait_done
 from typer.testing import CliRunner
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import running_service
+from service_support import running_service
 
 from medseg.bundle import load_bundle
 from medseg.inference import Predictor
