@@ -39,6 +39,7 @@ from medseg.config import ExperimentConfig, TTAMode, apply_overrides, validate_c
 from medseg.data.datalist import Case, _index_by_stem
 from medseg.data.dataset import CaseCache, build_case_cache, case_input, foreground_points
 from medseg.errors import ConfigError, DatasetError
+from medseg.io.writers import atomic_path, write_text_atomic
 
 log = logging.getLogger("medseg.distill")
 
@@ -138,9 +139,8 @@ def compute_targets(predictor: Any, cache: CaseCache, cfg: ExperimentConfig, fol
         if path.is_file():
             continue
         probs = predictor.predict_probs(case_input(d, cfg.data), tta=tta)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, probs.astype(np.float16))
-        tmp.replace(path)  # a killed run never leaves half a target behind
+        with atomic_path(path) as tmp:  # a killed run never leaves half a target behind
+            np.save(tmp, probs.astype(np.float16))
         made += 1
     return made
 
@@ -173,7 +173,7 @@ class SoftTargetCache(torch.utils.data.Dataset):
         return self.caches[c][i]
 
     def _soft(self, case_id: str) -> np.ndarray:
-        return np.load(_target_file(self.folder, case_id), mmap_mode="r")
+        return np.load(_target_file(self.folder, case_id), mmap_mode="r", allow_pickle=False)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -265,7 +265,7 @@ def _stamp(bundle_dir: Path, record: dict, cfg: ExperimentConfig) -> None:
     prep_path = bundle_dir / "preprocessing.json"
     prep = json.loads(prep_path.read_text())
     prep["distillation"] = record
-    prep_path.write_text(json.dumps(prep, indent=1))
+    write_text_atomic(prep_path, json.dumps(prep, indent=1))
     loss = (f"supervised loss + {record['weight']} × T² × KL(teacher_T ‖ student_T), T = {record['temperature']}"
             if record["loss"] == "kl" else f"supervised loss + {record['weight']} × soft Dice(student, teacher)")
     caveat = ("\n- The teacher is a cross-validation ensemble: some of its members trained on these validation cases, "
@@ -279,4 +279,4 @@ def _stamp(bundle_dir: Path, record: dict, cfg: ExperimentConfig) -> None:
 - Dice on the same {record['validation_cases']} validation cases: teacher {record['teacher_dice']:.4f}, student {record['student_dice']:.4f}{caveat}
 """
     card = bundle_dir / "model_card.md"
-    card.write_text(card.read_text() + section)
+    write_text_atomic(card, card.read_text() + section)

@@ -33,6 +33,7 @@ from medseg.config import ExperimentConfig, UnlabeledConfig
 from medseg.data.dataset import CaseCache, case_input, foreground_points
 from medseg.errors import ConfigError
 from medseg.inference.tiling import predict_logits_case
+from medseg.io.writers import atomic_path
 from medseg.losses.functional import IGNORE_INDEX
 
 log = logging.getLogger("medseg")
@@ -172,7 +173,8 @@ class PseudoLabelRounds(L.Callback):
                            "kept_share": round(kept, 4), "seconds": round(seconds, 1)})
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(self.folder / f"round_{self.round}.npz", **labels)
+            with atomic_path(self.folder / f"round_{self.round}.npz") as tmp:  # resume never reads half a round
+                np.savez_compressed(tmp, **labels)
         self.pseudo.set_labels(labels, self.round)
         log.info("pseudo-labels round %d (%s): %d unlabeled images, %.1f%% of pixels confident enough to train on",
                  self.round, "teacher" if use_teacher else "current model", len(labels), 100 * kept)
@@ -183,7 +185,7 @@ class PseudoLabelRounds(L.Callback):
             log.warning("resume: %s is missing; pseudo-labels are predicted again with the restored model", path)
             self.round = round_ - 1
             return
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             self.pseudo.set_labels({k: f[k] for k in f.files}, round_)
 
     @torch.no_grad()
