@@ -99,24 +99,29 @@ def segment_case(worklist: Worklist, case: Case | None, segment: Callable[[], T]
     except BaseException:
         worklist.update(case, status=before)
         raise
-    note_result(worklist, case, result)
+    if note_result(worklist, case, result):
+        st.rerun()  # the list and the case line above were drawn with the old status; the result is cached
     return result
 
 
-def note_result(worklist: Worklist, case: Case | None, result: Any) -> None:
+def note_result(worklist: Worklist, case: Case | None, result: Any) -> bool:
+    """Record the case's status after its result (and review); True when it changed."""
     if case is None:
-        return
+        return False
     verdict = getattr(result.review, "verdict", None)
     status = status_after_result(case, verdict)
-    if (status, verdict) != (case.status, case.verdict):
-        worklist.update(case, status=status, verdict=verdict)
+    if (status, verdict) == (case.status, case.verdict):
+        return False
+    worklist.update(case, status=status, verdict=verdict)
+    return True
 
 
 def send_panel(worklist: Worklist, case: Case | None, result: Any, settings: AppSettings) -> None:
     """For a PACS case: after review and the user's confirmation, store the SEG back on its PACS."""
     if case is None or not case.from_pacs:
         return
-    note_result(worklist, case, result)  # a review saved in the result view since the page was drawn
+    if note_result(worklist, case, result):  # a review saved in the result view since the page was drawn
+        st.rerun()
     st.subheader("Send to PACS")
     if result.review is None:
         st.info("Review the result first (Accept, or correct it and Save correction); then its DICOM SEG can be "
@@ -135,6 +140,7 @@ def send_panel(worklist: Worklist, case: Case | None, result: Any, settings: App
             st.error(markdown_text(e), icon=":material/error:")
             return
         worklist.update(case, status=CaseStatus.sent, seg_sop_uid=sop_uid)
+        st.rerun()  # redraw the list and the case line as sent
     if case.status == CaseStatus.sent:
         st.success(f"Sent to {markdown_text(case.endpoint)}: the SEG references the source series "
                    "(sending again replaces it).", icon=":material/task_alt:")

@@ -77,6 +77,7 @@ def test_browse_add_open_review_and_send_the_seg(pacs: Pacs, pacs_app_env: Path,
     result = at.session_state["result"]
     assert result.scan.meta["series_uid"] == pacs.followup.series_uid and result.mask.shape == (3, 128, 128)
     assert _worklist(pacs_app_env)[0]["status"] == "done"
+    assert any(i.value.endswith("· done") for i in at.info)  # the case line shows the new status in this run
     assert not any(b.key == "worklist_send" for b in at.button)  # nothing to send before a review
 
     _button(at, "review_accept").click().run()

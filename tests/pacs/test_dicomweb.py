@@ -114,11 +114,13 @@ def test_round_trip_segment_store_and_read_back(pacs: Pacs, pacs_predictor: Pred
     seg_path = write_dicom_seg(scan, mask, pacs_predictor.labels, tmp_path / "seg.dcm", model_name="tiny",
                                uid_key="job-1")
     sop_uid = store_seg(pacs.endpoint, seg_path)
-    seg_series = pydicom.dcmread(seg_path, stop_before_pixels=True).SeriesInstanceUID
+    seg_series_uid = pydicom.dcmread(seg_path, stop_before_pixels=True).SeriesInstanceUID
 
-    # Other tests of this session store SEGs for the same study (the PACS is shared): ours is found by its series.
-    [found] = [s for s in find_segs(pacs.endpoint, study.study_uid, study.series_uid)
-               if s["SeriesInstanceUID"] == seg_series]
+    def this_seg() -> list[dict]:  # other tests may have stored SEGs of the same series too
+        return [s for s in find_segs(pacs.endpoint, study.study_uid, study.series_uid)
+                if s["SeriesInstanceUID"] == seg_series_uid]
+
+    [found] = this_seg()
     assert found["Modality"] == "SEG" and int(found["NumberOfSeriesRelatedInstances"]) == 1
     retrieve_series_of_seg = tmp_path / "seg-back"
     # A SEG is not an image to segment: retrieval refuses it by SOP class.
@@ -141,6 +143,5 @@ def test_round_trip_segment_store_and_read_back(pacs: Pacs, pacs_predictor: Pred
     again = write_dicom_seg(scan, np.zeros_like(mask) + mask, pacs_predictor.labels, tmp_path / "again.dcm",
                             model_name="tiny", uid_key="job-1")
     assert store_seg(pacs.endpoint, again) == sop_uid
-    [found] = [s for s in find_segs(pacs.endpoint, study.study_uid, study.series_uid)
-               if s["SeriesInstanceUID"] == seg_series]
+    [found] = this_seg()
     assert int(found["NumberOfSeriesRelatedInstances"]) == 1
