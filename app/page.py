@@ -19,6 +19,7 @@ from app.settings import load_settings
 from app.sidebar import choose_files, choose_model, model_details, no_model_message
 from app.upload_guard import show_rejected_uploads
 from app.viewer import results_view
+from app.worklist_panel import segment_case, send_panel, worklist_panel
 from medseg.bundle import RESEARCH_NOTICE
 from medseg.errors import MedsegError
 from medseg.io import MissingSlicesError
@@ -69,13 +70,16 @@ def main() -> None:
     st.session_state[REVIEWER] = user or "anonymous"
     upload, truth, model = _sidebar(settings)
     predictor = _load_model(settings, model)
+    worklist, case, case_images = worklist_panel(settings, user, upload)
+    if case_images is not None:  # an open worklist case is the scan segmented, whatever the sidebar holds
+        upload = case_images
     if upload is None:
         welcome(settings)
         st.stop()
     loaded = _read_scan(upload, settings)
     info = describe(predictor, model.bundle)
     decision = gate.check(loaded.scan, model.bundle, upload.sha256, info.weights_hash)
-    result = _segment(upload, loaded, model, settings, info, decision, user)
+    result = segment_case(worklist, case, lambda: _segment(upload, loaded, model, settings, info, decision, user))
     gate.note(result.decision)
     truth_problem = session.attach_truth(result, truth, settings)
     if truth_problem:
@@ -83,6 +87,7 @@ def main() -> None:
     st.caption(f"{describe_scan(loaded.scan)} · segmented by **{markdown_text(info.name)}** "
                f"{version_text(info)} in {result.seconds:.1f} s on {markdown_text(info.device)}")
     results_view()
+    send_panel(worklist, case, result, settings)
 
 
 def version_text(info) -> str:

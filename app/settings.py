@@ -14,6 +14,8 @@ Environment:
     MEDSEG_REVIEW_DIR      the review dataset accepted / corrected cases are saved into (default ``reviews``)
     MEDSEG_FINETUNE_USERS  comma-separated users allowed to fine-tune from the reviews (``*``: all; ``anonymous``:
                            anyone when sign-in is off); empty: nobody
+    MEDSEG_DICOMWEB_ENDPOINTS  YAML file of the PACS (DICOMweb) endpoints to browse (``medseg.io.dicomweb``)
+    MEDSEG_WORKLIST_DIR    where each user's worklist is kept (default ``worklists``)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from medseg.io import MAX_IMAGE_PIXELS, ArchiveLimits
 
 DEFAULT_MODELS_DIR = Path("models")
 DEFAULT_REVIEW_DIR = Path("reviews")
+DEFAULT_WORKLIST_DIR = Path("worklists")
 DEFAULT_UPLOAD_MB = 1024
 # 200 M voxels is a 512 x 512 x 760 CT; with its class probabilities that is ~2.5 GB of RAM per session.
 DEFAULT_MAX_VOXELS = 200_000_000
@@ -44,6 +47,8 @@ class AppSettings:
     upload_dir: Path = field(default_factory=default_root)
     review_dir: Path = DEFAULT_REVIEW_DIR  # accepted / corrected cases (medseg.review), a dataset medseg train reads
     finetune_users: tuple[str, ...] = ()  # who may fine-tune from the reviews ("*": everyone; "anonymous": no sign-in)
+    dicomweb_endpoints: Path | None = None  # the operator's PACS endpoints (YAML); None: no PACS browser
+    worklist_dir: Path = DEFAULT_WORKLIST_DIR  # one JSON file per user (named by a hash of the user name)
 
     def may_finetune(self, user: str | None) -> bool:
         who = user or "anonymous"
@@ -104,4 +109,7 @@ def load_settings(server_upload_mb: int | None = None) -> AppSettings:
         upload_dir=Path(os.environ.get("MEDSEG_UPLOAD_DIR", "").strip() or default_root()),
         review_dir=Path(os.environ.get("MEDSEG_REVIEW_DIR", "").strip() or DEFAULT_REVIEW_DIR),
         finetune_users=tuple(u.strip() for u in os.environ.get("MEDSEG_FINETUNE_USERS", "").split(",") if u.strip()),
+        dicomweb_endpoints=Path(endpoints) if (endpoints := os.environ.get("MEDSEG_DICOMWEB_ENDPOINTS", "").strip())
+        else None,
+        worklist_dir=Path(os.environ.get("MEDSEG_WORKLIST_DIR", "").strip() or DEFAULT_WORKLIST_DIR),
     )

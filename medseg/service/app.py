@@ -327,7 +327,7 @@ def add_upload_route(app: FastAPI, service: Service) -> None:
 def add_job_routes(app: FastAPI, service: Service) -> None:
     """``GET /v1/jobs/{id}`` and its results: mask, uncertainty, report."""
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS, response_model_exclude_unset=True)
     def job_status(job_id: str) -> dict[str, Any]:
         """Where a job stands: queued, running (with progress), done or failed (with the error)."""
         job = service.jobs.get(job_id)
