@@ -153,6 +153,7 @@ class Jobs(Protocol):
     def counts(self) -> dict[str, int]: ...
     def queue_depth(self) -> int: ...
     def live_workers(self) -> int: ...
+    def save_source(self, job: Job) -> None: ...
 
 
 class JobRunner:
@@ -329,6 +330,9 @@ class JobQueue:
 
     def live_workers(self) -> int:
         return int(self._thread.is_alive())
+
+    def save_source(self, job: Job) -> None:
+        """Nothing to do: the job lives in this process's memory."""
 
     # ---------------------------------------------------------------------------------------- worker
 

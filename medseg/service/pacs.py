@@ -181,6 +181,7 @@ def add_pacs_routes(app: FastAPI, service: Any) -> None:
         except MedsegError as e:
             raise HTTPException(404, str(e)) from None
         store_job_seg(endpoint, job.source, job.folder)
+        service.jobs.save_source(job)  # a shared queue's record, so every replica shows the outcome
         if job.source.store_error is not None:
             raise HTTPException(502, job.source.store_error)
         return job.public()

@@ -148,6 +148,14 @@ class SharedStore:
             args += [k, _encode(v)]
         return bool(self._transition(keys=keys, args=args))
 
+    def save_source(self, job: Job) -> None:
+        source = job.source
+        if source is None:
+            return
+        self.redis.hset(job_key(job.id), mapping={
+            "pacs_stored_sop_uid": source.stored_sop_uid or "", "pacs_seg_series_uid": source.seg_series_uid or "",
+            "pacs_store_error": source.store_error or ""})
+
     def record(self, job_id: str) -> dict[str, str] | None:
         if not _JOB_ID.fullmatch(job_id):
             return None
@@ -362,6 +370,10 @@ class SharedJobs:
     def get(self, job_id: str) -> Job | None:
         return self.store.job(job_id)
 
+    def save_source(self, job: Job) -> None:
+        """Record a PACS job's store outcome (``POST /v1/jobs/{id}/store`` on any replica)."""
+        self.store.save_source(job)
+
     def counts(self) -> dict[str, int]:
         return self.store.counts()
 
@@ -493,9 +505,7 @@ class SharedWorker:
             source.store_error = f"this worker cannot store the SEG: {e}"
         else:
             store_job_seg(endpoint, source, job.folder)
-        self.store.redis.hset(job_key(job.id), mapping={
-            "pacs_stored_sop_uid": source.stored_sop_uid or "", "pacs_seg_series_uid": source.seg_series_uid or "",
-            "pacs_store_error": source.store_error or ""})
+        self.store.save_source(job)
 
     def _read(self, folder: Path, source: JobInput) -> Scan:
         from medseg.io import MAX_IMAGE_PIXELS, MAX_VOXELS, read_scan

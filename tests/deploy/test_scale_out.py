@@ -269,6 +269,12 @@ def test_worker_killed_mid_job_its_job_completes_on_the_other_one_seg_in_the_pac
     seg = httpx.get(f"{cluster.apis[1]}/v1/jobs/{job_id}/mask", params={"format": "dicom-seg"}, timeout=30)
     assert seg.status_code == 200
     assert pydicom.dcmread(io.BytesIO(seg.content)).SOPInstanceUID == status["pacs"]["seg_sop_uid"]
+    # Stored again on request through the other replica: still one SEG, and the record says so on both.
+    again = httpx.post(f"{cluster.apis[1]}/v1/jobs/{job_id}/store", headers=CLIENT, timeout=120)
+    assert again.status_code == 200 and again.json()["pacs"]["seg_sop_uid"] == status["pacs"]["seg_sop_uid"]
+    assert httpx.get(f"{api}/v1/jobs/{job_id}", timeout=30).json()["pacs"]["stored"]
+    segs = find_segs(pacs.endpoint, study.study_uid, source_series_uid=study.series_uid)
+    assert len(segs) == 1 and int(segs[0]["NumberOfSeriesRelatedInstances"]) == 1
 
     # The survivor still takes new jobs; /health counts one live worker once the victim's heartbeat is stale.
     assert wait_finished(api, submit(api, "a.png", crops(datasets_dir, 1)[0]).json()["job_id"])["status"] == "done"
