@@ -58,10 +58,9 @@ def _data_url(rgb: np.ndarray) -> str:
 def toolbar(result: Result, suffix: str, colors: dict[int, str]) -> tuple[str, int, float, bool]:
     """(tool, label, brush radius in slice pixels, prompt removes) from the editing controls."""
     labels = [i for i in colors]
-    # wrap=True: placed directly in a column, Streamlit keeps a segmented control on one row and scrolls it sideways
-    # (the six tools did at 1440 px); wrapped, every tool stays visible.
-    tool = TOOLS[st.segmented_control("Tool", list(TOOLS), default="Brush", required=True, key=f"tool_{suffix}",
-                                      wrap=True)]
+    # Not wrap=True: wrapped, Streamlit's segmented control ignored clicks on the tools of its second row
+    # (tests/app/test_app_browser.py); at 1440 px the six tools scroll sideways instead (a known defect).
+    tool = TOOLS[st.segmented_control("Tool", list(TOOLS), default="Brush", required=True, key=f"tool_{suffix}")]
     label = st.selectbox("Label", labels, key=f"edit_label_{suffix}",
                          format_func=lambda i: result.info.labels.get(i, {}).get("name", f"label {i}"))
     radius = st.slider("Brush size (px)", 1, 40, 4, key=f"brush_{suffix}",
