@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -49,7 +49,7 @@ from medseg.errors import MedsegError, ScanTooLargeError, UnsupportedFormatError
 from medseg.inference import Predictor
 from medseg.inference.compatibility import IncompatibleScanError, check_scan
 from medseg.inference.outputs import MaskValues
-from medseg.io import MAX_IMAGE_PIXELS
+from medseg.io import MAX_IMAGE_PIXELS, Scan
 from medseg.io.dicomweb import Endpoint, load_endpoints
 from medseg.service.budget import (
     DECODED_BYTES_PER_SAMPLE,
@@ -312,22 +312,42 @@ def add_upload_route(app: FastAPI, service: Service) -> None:
                 except (MedsegError, BudgetFullError) as e:
                     log.info("rejected upload sha256=%s: %s", upload.sha256, type(e).__name__)
                     raise
-            fit = check_scan(scan, service.fingerprint, jobs.predictor.cfg.data)
-            if not fit.ok and not run_anyway:
-                raise IncompatibleScanError(f"The scan does not fit this model: {fit.text()} "
-                                            "Send run_anyway=true to segment it anyway.")
+            problems = compatibility_problems(service, scan, run_anyway)
             job = jobs.submit(job_id, folder, scan, upload.sha256, tta, reservation, anonymize,
-                              compatibility=fit.problems, run_anyway=run_anyway, stored_input=stored)
+                              compatibility=problems, run_anyway=run_anyway, stored_input=stored)
         except BaseException as e:
-            reservation.release()
-            shutil.rmtree(folder, ignore_errors=True)
-            status, headers = _refusal(e)
-            if status is None:
-                raise
-            raise HTTPException(status, str(e), headers=headers) from None
-        url = f"/v1/jobs/{job.id}"
-        body = SubmittedOut(job_id=job.id, status=job.status, status_url=url)
-        return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": url})
+            refuse(e, reservation, folder)
+        return accepted(job)
+
+
+def compatibility_problems(service: Service, scan: Scan, run_anyway: bool) -> list[str]:
+    """How ``scan`` differs from the model's training data (`check_scan`); a mismatch is refused
+    (IncompatibleScanError, 422) unless the client sent ``run_anyway``."""
+    fit = check_scan(scan, service.fingerprint, service.jobs.predictor.cfg.data)
+    if not fit.ok and not run_anyway:
+        raise IncompatibleScanError(f"The scan does not fit this model: {fit.text()} "
+                                    "Send run_anyway=true to segment it anyway.")
+    return fit.problems
+
+
+def refuse(err: BaseException, reservation: Any, folder: Path, status: int | None = None) -> NoReturn:
+    """A job that could not be queued: its memory reservation and folder go, and the client gets ``status``
+    (else the status `_refusal` gives the error) with the error's message; anything else is re-raised."""
+    reservation.release()
+    shutil.rmtree(folder, ignore_errors=True)
+    headers = None
+    if status is None:
+        status, headers = _refusal(err)
+    if status is None:
+        raise err
+    raise HTTPException(status, str(err), headers=headers) from None
+
+
+def accepted(job: Job) -> JSONResponse:
+    """202 with the job's id and where to poll it."""
+    url = f"/v1/jobs/{job.id}"
+    body = SubmittedOut(job_id=job.id, status=job.status, status_url=url)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": url})
 
 
 def add_job_routes(app: FastAPI, service: Service) -> None:

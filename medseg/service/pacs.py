@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medseg.config import TTAMode
 from medseg.errors import MedsegError
-from medseg.inference.compatibility import IncompatibleScanError, check_scan
+from medseg.inference.compatibility import IncompatibleScanError
 from medseg.io import MAX_IMAGE_PIXELS, read_scan
 from medseg.io.dicomweb import (
     DicomWebError,
@@ -105,7 +104,7 @@ def _status(err: BaseException) -> int | None:
 
 def add_pacs_routes(app: FastAPI, service: Any) -> None:
     """The DICOMweb job source over ``service`` (``medseg.service.app.Service``, with ``endpoints``)."""
-    from medseg.service.app import SubmittedOut, _refusal
+    from medseg.service.app import SubmittedOut, accepted, compatibility_problems, refuse
 
     jobs, budget = service.jobs, service.budget
 
@@ -147,28 +146,15 @@ def add_pacs_routes(app: FastAPI, service: Any) -> None:
                 scan = read_scan(folder / "series", body.series_uid, max_voxels=stored.max_voxels,
                                  max_pixels=stored.max_pixels, untrusted=True, admit=admit,
                                  allow_missing_slices=body.allow_missing_slices)
-            fit = check_scan(scan, service.fingerprint, jobs.predictor.cfg.data)
-            if not fit.ok and not body.run_anyway:
-                raise IncompatibleScanError(f"The scan does not fit this model: {fit.text()} "
-                                            "Send run_anyway=true to segment it anyway.")
+            problems = compatibility_problems(service, scan, body.run_anyway)
             source = PacsSource(endpoint.name, body.study_uid, body.series_uid, body.store_back)
             after = (lambda job, _written: store_job_seg(endpoint, source, job.folder)) if body.store_back else None
             job = jobs.submit(job_id, folder, scan, digest.hexdigest(), body.tta, reservation,
-                              compatibility=fit.problems, run_anyway=body.run_anyway, source=source,
+                              compatibility=problems, run_anyway=body.run_anyway, source=source,
                               after_results=after, stored_input=stored)
         except BaseException as e:
-            reservation.release()
-            shutil.rmtree(folder, ignore_errors=True)
-            status = _status(e)
-            headers = None
-            if status is None:
-                status, headers = _refusal(e)
-            if status is None:
-                raise
-            raise HTTPException(status, str(e), headers=headers) from None
-        url = f"/v1/jobs/{job.id}"
-        out = SubmittedOut(job_id=job.id, status=job.status, status_url=url)
-        return JSONResponse(out.model_dump(mode="json"), status_code=202, headers={"Location": url})
+            refuse(e, reservation, folder, _status(e))
+        return accepted(job)
 
     @app.post("/v1/jobs/{job_id}/store")
     def store_job(job_id: str) -> dict[str, Any]:
