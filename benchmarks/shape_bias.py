@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from medseg.config import load_config
-from medseg.data.preprocess import map_labels
+from medseg.data.datalist import Case
+from medseg.engine.evaluate import evaluate_cases
 from medseg.engine.train import train
 from medseg.inference import Predictor
 from medseg.io import read_scan
-from medseg.metrics import object_metrics, per_label_metrics
+from medseg.metrics import object_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/datasets/dsb2018_nuclei"
@@ -49,16 +50,14 @@ def is_gray(path: Path) -> bool:
 
 
 def score(predictor: Predictor, cfg, stems: list[str]) -> dict[str, float]:
-    dice, aji, pq = [], [], []
-    for stem in stems:
-        scan = read_scan(DATA / "images" / f"{stem}.png")
-        pred = predictor.predict_scan(scan).mask
-        target = map_labels(read_scan(DATA / "masks" / f"{stem}.png"), cfg.data.label_map, scan.spatial_shape, stem)
-        dice.append(per_label_metrics(pred, target, 2, hd95=False)[1]["dice"])
-        om = object_metrics(pred, read_scan(DATA / "instances" / f"{stem}.png").array)
-        aji.append(om["aji"])
-        pq.append(om["pq"])
-    return {"dice": float(np.mean(dice)), "aji": float(np.mean(aji)), "pq": float(np.mean(pq)), "n": len(stems)}
+    """Dice through medseg's one evaluation loop (`evaluate_cases`), AJI and PQ of the same predictions."""
+    cases = [Case(stem, DATA / "images" / f"{stem}.png", DATA / "masks" / f"{stem}.png",
+                  DATA / "instances" / f"{stem}.png") for stem in stems]
+    objects: list[dict[str, float]] = []
+    evaluation = evaluate_cases(predictor, cases, cfg, hd95=False, on_case=lambda case, _scan, pred, _target:
+                                objects.append(object_metrics(pred.mask, read_scan(case.instances).array)))
+    return {"dice": evaluation.mean_dice, "aji": float(np.mean([o["aji"] for o in objects])),
+            "pq": float(np.mean([o["pq"] for o in objects])), "n": evaluation.n_cases}
 
 
 def main() -> None:
