@@ -58,9 +58,9 @@ def _data_url(rgb: np.ndarray) -> str:
 def toolbar(result: Result, suffix: str, colors: dict[int, str]) -> tuple[str, int, float, bool]:
     """(tool, label, brush radius in slice pixels, prompt removes) from the editing controls."""
     labels = [i for i in colors]
-    # Not wrap=True: wrapped, Streamlit's segmented control ignored clicks on the tools of its second row
-    # (tests/app/test_app_browser.py); at 1440 px the six tools scroll sideways instead (a known defect).
-    tool = TOOLS[st.segmented_control("Tool", list(TOOLS), default="Brush", required=True, key=f"tool_{suffix}")]
+    # Wrapped pills: the six tools do not fit one row of the side column at 1440 px (unwrapped they scrolled
+    # sideways and hid "Click prompt"); separate pills read better over two rows than a broken segmented bar.
+    tool = TOOLS[st.pills("Tool", list(TOOLS), default="Brush", required=True, key=f"tool_{suffix}", wrap=True)]
     label = st.selectbox("Label", labels, key=f"edit_label_{suffix}",
                          format_func=lambda i: result.info.labels.get(i, {}).get("name", f"label {i}"))
     radius = st.slider("Brush size (px)", 1, 40, 4, key=f"brush_{suffix}",
