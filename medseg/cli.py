@@ -426,6 +426,12 @@ def serve(
     job_timeout: Annotated[float | None, typer.Option(help="Compute seconds one job may take (default 600)")] = None,
     broker: Annotated[str | None, typer.Option(help="Redis URL of a shared job queue worked by `medseg worker` processes (default: none, one process)")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="With --broker: the folder API replicas and workers share")] = None,
+    finetune_dir: Annotated[Path | None, typer.Option(
+        help="Turn on fine-tuning (POST /v1/finetune): the folder where fine-tuned versions of the bundle are written "
+             "and served from under /versions/<name> (env MEDSEG_SERVICE_FINETUNE_DIR; default: off). With --broker "
+             "each version needs its own workers: medseg worker <this folder>/<name>")] = None,
+    finetune_max_minutes: Annotated[float | None, typer.Option(
+        help="Largest training budget a fine-tuning client may ask for, in minutes (default 30)")] = None,
 ) -> None:
     """Inference service (FastAPI + uvicorn): POST /v1/segment, GET /v1/jobs/{id} and its mask, report and uncertainty."""
     from medseg.service.server import serve as run_server
@@ -434,7 +440,8 @@ def serve(
     try:
         settings = ServiceSettings.from_env(
             device=device, backend=backend, max_queued=max_queued, job_ttl_s=job_ttl, max_voxels=max_voxels,
-            job_timeout_s=job_timeout, broker=broker, results_dir=results_dir,
+            job_timeout_s=job_timeout, broker=broker, results_dir=results_dir, finetune_dir=finetune_dir,
+            finetune_max_minutes=finetune_max_minutes,
             max_upload_bytes=max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
             memory_budget_bytes=memory_budget_mb * 1024 * 1024 if memory_budget_mb is not None else None,
         )

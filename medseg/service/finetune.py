@@ -14,13 +14,16 @@ GET  /v1/versions                the served bundle and every fine-tuned version:
 
 Why upload the reviews rather than share a folder: the app and the service usually run on different machines (the
 service on a GPU host), and a shared folder would couple their deployments; the review dataset is small (the cases
-clinicians looked at). Fine-tuning is off unless ``MEDSEG_SERVICE_FINETUNE_DIR`` names a writable folder: versions
+clinicians looked at). Fine-tuning is off unless ``medseg serve --finetune-dir`` (``MEDSEG_SERVICE_FINETUNE_DIR``)
+names a writable folder: versions
 land there (``<model>-v2``, ``-v3``…) and are served again after a restart.
 
 A job runs ``medseg finetune`` in a child process (its own session, logged to the job folder): training for minutes
 must not block the inference worker's thread, and a crash of the training cannot take the service down. One job at
 a time (a second gets 409). Each version is served by the same ``create_app`` as the service itself, with its own
-job queue in ``<work_dir>/versions/<name>``, loaded on first use; so every route, limit and check is the same.
+job queue in ``<work_dir>/versions/<name>``, loaded on first use; so every route, limit and check is the same. With a
+shared queue (``--broker``) a version's jobs go to that version's own queue (``medseg.service.shared_jobs`` keys queues
+by weights hash) and are run by workers started on the version's bundle, ``medseg worker <finetune_dir>/<name>``.
 
 Uploads are untrusted: the zip is vetted member by member (``medseg.io.archive``), and only the files a review folder
 holds are kept (``images/`` and ``masks/`` as PNG or NIfTI, which cannot point at other files, and ``reviews.csv``).
@@ -175,7 +178,9 @@ class ServedVersions:
                 return None
             from medseg.service.app import create_app
 
-            # The same service for the version: its own job folder (and queue); no fine-tuning from inside it.
+            # The same service for the version: its own job folder (and queue); no fine-tuning from inside it. With
+            # a broker it keeps the broker: the shared queue is per model (weights hash), so the version's jobs wait
+            # for `medseg worker <finetune_dir>/<name>` workers and its /health counts only those.
             settings = replace(self.settings, work_dir=self.work_dir / name, finetune_dir=None)
             app = create_app(path, settings)
             app.state.jobs.start()  # a mounted app's lifespan does not run: its worker is started here

@@ -21,6 +21,14 @@ with SIGKILL). What Dramatiq leaves to us, done here:
 * **Queue depth and workers** for ``/health`` and 429: an index of job ids per status (sorted sets) and worker
   heartbeats (a sorted set of worker id -> last beat).
 
+**One queue per model** (keyed by the bundle's weights hash): the Dramatiq queue, the index of queued jobs, the worker
+heartbeats and the seconds-per-job estimate. A fine-tuned version served beside the bundle
+(``medseg.service.finetune``) is another model: its jobs wait for ``medseg worker VERSION_BUNDLE`` processes and never
+reach a worker that loaded other weights (which could only fail them), its ``/health`` counts its own workers, and a
+version without workers fills its own queue bound, not the bundle's. Dramatiq requeues a dead worker's messages
+during maintenance of that same queue, so redelivery stays among the workers of one model. Job records, the status
+index behind ``/health``'s job counts, the TTL purge and the results folder stay shared by all models.
+
 Redis keys live under ``medseg:``; Dramatiq's under ``medseg-dramatiq:``.
 """
 
@@ -46,12 +54,10 @@ from medseg.service.jobs import Job, JobInput, JobRunner, JobStatus, QueueFullEr
 
 log = logging.getLogger("medseg.service")
 
-QUEUE = "medseg-segment"
+QUEUE = "medseg-segment"  # the Dramatiq queue of one model is QUEUE-<weights hash> (queue_name)
 ACTOR = "segment"
 DRAMATIQ_NAMESPACE = "medseg-dramatiq"
 PREFIX = "medseg"
-WORKERS = f"{PREFIX}:workers"  # sorted set: worker id -> unix time of its last heartbeat
-SECONDS_PER_JOB = f"{PREFIX}:seconds-per-job"  # running estimate for Retry-After
 SALT = f"{PREFIX}:salt"  # hashes DICOM UIDs of anonymized SEGs; the same for every worker, never leaves Redis
 # Longest pause between two polls of the queue (ms). Dramatiq backs off while a worker is busy too, so this is
 # also the longest wait between the end of one job and the start of the next: Dramatiq's 1 s default cost
@@ -65,15 +71,18 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 # before queueing it, or a purged job whose folder removal failed.
 ORPHAN_FOLDER_S = 600.0
 
-# Queue the job only while fewer than ARGV[2] are queued: one atomic step across all replicas.
+# Queue the job only while fewer than ARGV[2] of its model's jobs (KEYS[3]) are queued: one atomic step across
+# all replicas. KEYS[1]: the queued index of all models (the /health counts).
 _SUBMIT = """
-if redis.call('zcard', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+if redis.call('zcard', KEYS[3]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('zadd', KEYS[1], ARGV[3], ARGV[1])
+redis.call('zadd', KEYS[3], ARGV[3], ARGV[1])
 redis.call('hset', KEYS[2], unpack(ARGV, 4))
 return 1
 """
 
-# Move a job to a new status, only for the attempt that owns it (ARGV[2]; '' = any attempt).
+# Move a job to a new status, only for the attempt that owns it (ARGV[2]; '' = any attempt). KEYS[2..]: the status
+# index (in JobStatus order), then the job's model's queued index, which it leaves whatever the new status.
 _TRANSITION = """
 if ARGV[2] ~= '' and redis.call('hget', KEYS[1], 'attempts') ~= ARGV[2] then return 0 end
 if redis.call('exists', KEYS[1]) == 0 then return 0 end
@@ -92,6 +101,26 @@ def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def queue_name(model: str) -> str:
+    """The Dramatiq queue of the model with weights hash ``model``: only workers that loaded it consume it."""
+    return f"{QUEUE}-{model}"
+
+
+def queued_key(model: str) -> str:
+    """Sorted set: the model's queued job ids (its queue depth and queue bound)."""
+    return f"{PREFIX}:queued:{model}"
+
+
+def workers_key(model: str) -> str:
+    """Sorted set: worker id -> unix time of its last heartbeat, for the workers of one model."""
+    return f"{PREFIX}:workers:{model}"
+
+
+def seconds_per_job_key(model: str) -> str:
+    """The model's running estimate of seconds per job, for Retry-After."""
+    return f"{PREFIX}:seconds-per-job:{model}"
+
+
 def redacted(url: str) -> str:
     """The broker URL without its password, for messages."""
     return re.sub(r"//[^@/]*@", "//***@", url)
@@ -107,12 +136,15 @@ def make_broker(url: str, worker_timeout_s: float) -> Any:
 
 
 class SharedStore:
-    """Job records, their status index, worker heartbeats and the job folders in ``results_dir``."""
+    """Job records, their status index and the job folders in ``results_dir`` (all models); the queued index,
+    worker heartbeats and seconds per job of one model (``model``: its weights hash)."""
 
-    def __init__(self, url: str, results_dir: Path, job_ttl_s: float, max_jobs: int, worker_timeout_s: float):
+    def __init__(self, url: str, results_dir: Path, job_ttl_s: float, max_jobs: int, worker_timeout_s: float,
+                 model: str):
         import redis
 
         self.url = url
+        self.model = model
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=10)
         self.results_dir = Path(results_dir)
         self.job_ttl_s = job_ttl_s
@@ -141,8 +173,10 @@ class SharedStore:
 
     # ------------------------------------------------------------------------------------------- records
 
-    def transition(self, job_id: str, status: JobStatus, fields: dict[str, Any], attempt: str = "") -> bool:
-        keys = [job_key(job_id), *(status_key(s) for s in JobStatus)]
+    def transition(self, job_id: str, status: JobStatus, fields: dict[str, Any], attempt: str = "",
+                   model: str | None = None) -> bool:
+        """``model``: the weights hash the job was submitted for (default this store's model)."""
+        keys = [job_key(job_id), *(status_key(s) for s in JobStatus), queued_key(model or self.model)]
         args: list[Any] = [job_id, attempt, list(JobStatus).index(status), time.time(), "status", str(status)]
         for k, v in fields.items():
             args += [k, _encode(v)]
@@ -173,29 +207,31 @@ class SharedStore:
         return {str(s): int(n) for s, n in zip(JobStatus, pipe.execute(), strict=True)}
 
     def queue_depth(self) -> int:
-        return int(self.redis.zcard(status_key(JobStatus.queued)))
+        """Jobs of this model waiting for one of its workers."""
+        return int(self.redis.zcard(queued_key(self.model)))
 
     # ------------------------------------------------------------------------------------------- workers
 
     def heartbeat(self, worker_id: str) -> None:
         now = time.time()
         pipe = self.redis.pipeline()
-        pipe.zadd(WORKERS, {worker_id: now})
-        pipe.zremrangebyscore(WORKERS, 0, now - 10 * self.worker_timeout_s)  # long dead: forget them
+        pipe.zadd(workers_key(self.model), {worker_id: now})
+        pipe.zremrangebyscore(workers_key(self.model), 0, now - 10 * self.worker_timeout_s)  # long dead: forget them
         pipe.execute()
 
     def forget_worker(self, worker_id: str) -> None:
-        self.redis.zrem(WORKERS, worker_id)
+        self.redis.zrem(workers_key(self.model), worker_id)
 
     def live_workers(self) -> int:
-        return int(self.redis.zcount(WORKERS, time.time() - self.worker_timeout_s, "+inf"))
+        """Live workers of this model (a worker of other weights never takes its jobs)."""
+        return int(self.redis.zcount(workers_key(self.model), time.time() - self.worker_timeout_s, "+inf"))
 
     def seconds_per_job(self) -> float:
-        value = self.redis.get(SECONDS_PER_JOB)
+        value = self.redis.get(seconds_per_job_key(self.model))
         return float(value) if value else 1.0
 
     def record_duration(self, seconds: float) -> None:
-        self.redis.set(SECONDS_PER_JOB, f"{0.7 * self.seconds_per_job() + 0.3 * seconds:.4f}")
+        self.redis.set(seconds_per_job_key(self.model), f"{0.7 * self.seconds_per_job() + 0.3 * seconds:.4f}")
 
     # ----------------------------------------------------------------------------------------------- TTL
 
@@ -286,7 +322,7 @@ class SharedJobs:
         self.predictor = predictor
         self.settings = settings
         self.store = SharedStore(settings.broker, Path(settings.results_dir), settings.job_ttl_s,
-                                 settings.max_jobs, settings.worker_timeout_s)
+                                 settings.max_jobs, settings.worker_timeout_s, predictor.weights_hash)
         self.store.check()  # here, so that `medseg serve` names a missing broker before it starts listening
         self.broker = make_broker(settings.broker, settings.worker_timeout_s)
         self.max_queued = settings.max_queued
@@ -355,14 +391,16 @@ class SharedJobs:
         args: list[Any] = [job_id, self.max_queued, job.created]
         for k, v in record.items():
             args += [k, _encode(v)]
-        if not self.store._submit(keys=[status_key(JobStatus.queued), job_key(job_id)], args=args):
+        model = self.predictor.weights_hash
+        if not self.store._submit(keys=[status_key(JobStatus.queued), job_key(job_id), queued_key(model)], args=args):
             raise QueueFullError(self.retry_after())
         try:
-            self.broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR, args=(job_id,), kwargs={},
-                                                 options={}))
+            self.broker.enqueue(dramatiq.Message(queue_name=queue_name(model), actor_name=ACTOR, args=(job_id,),
+                                                 kwargs={}, options={}))
         except Exception:
             self.store.redis.delete(job_key(job_id))
             self.store.redis.zrem(status_key(JobStatus.queued), job_id)
+            self.store.redis.zrem(queued_key(model), job_id)
             raise
         log.info("job %s queued (shared): upload sha256=%s tta=%s", job_id, sha256, tta or "default")
         return job
@@ -397,13 +435,15 @@ class SharedWorker:
         self.settings = settings
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.store = SharedStore(settings.broker, Path(settings.results_dir), settings.job_ttl_s,
-                                 settings.max_jobs, settings.worker_timeout_s)
+                                 settings.max_jobs, settings.worker_timeout_s, predictor.weights_hash)
         self.runner = JobRunner(predictor, settings.job_timeout_s)
         from medseg.io.dicomweb import load_endpoints
 
         self.endpoints = load_endpoints(getattr(settings, "dicomweb_endpoints", None))
         self.broker = make_broker(settings.broker, settings.worker_timeout_s)
-        dramatiq.actor(self._segment, actor_name=ACTOR, queue_name=QUEUE, broker=self.broker)
+        # Its model's queue only: jobs for other weights (a fine-tuned version) wait for their own workers.
+        dramatiq.actor(self._segment, actor_name=ACTOR, queue_name=queue_name(predictor.weights_hash),
+                       broker=self.broker)
         self.worker = dramatiq.Worker(self.broker, worker_threads=1, worker_timeout=POLL_MS)
         self.worker.queue_prefetch = 1
         self._stop = threading.Event()
@@ -415,7 +455,7 @@ class SharedWorker:
         self.store.heartbeat(self.id)
         self._beat.start()
         self.worker.start()
-        log.info("worker %s: %s (%s) on %s, taking jobs from %s", self.id, self.predictor.name,
+        log.info("worker %s: %s (%s) on %s, taking jobs for these weights from %s", self.id, self.predictor.name,
                  self.predictor.weights_hash, self.predictor.device, redacted(self.store.url))
 
     def stop(self, timeout_s: float = 60.0) -> None:
@@ -455,24 +495,25 @@ class SharedWorker:
             log.info("job %s: already %s; redelivery skipped", job_id, data["status"])
             return
         attempt = str(store.redis.hincrby(job_key(job_id), "attempts", 1))
+        model = data.get("weights_hash") or None  # whose queued index the job leaves
         folder = store.results_dir / job_id
         job = job_from_record(job_id, data, folder)
         if int(attempt) > self.settings.max_attempts:
             store.transition(job_id, JobStatus.failed, {
                 "error": f"the job was started {self.settings.max_attempts} times and its worker stopped each time "
                          "(killed or out of memory); it is not retried again",
-                "finished": time.time()}, attempt)
+                "finished": time.time()}, attempt, model)
             self._delete_upload(folder, data)
             log.warning("job %s failed: its workers died %d times", job_id, self.settings.max_attempts)
             return
-        store.transition(job_id, JobStatus.running, {"progress": 0.05, "worker": self.id}, attempt)
+        store.transition(job_id, JobStatus.running, {"progress": 0.05, "worker": self.id}, attempt, model)
         if int(attempt) > 1:
             log.info("job %s: attempt %s (a previous worker stopped mid-job)", job_id, attempt)
         start = time.time()
         try:
             if data.get("weights_hash") != self.predictor.weights_hash:
                 raise MedsegError(f"the worker serves model {self.predictor.weights_hash}, the job was submitted "
-                                  f"for {data.get('weights_hash')}; run API and workers with one bundle")
+                                  f"for {data.get('weights_hash')} (queues are per model: a misrouted message)")
             scan = self._read(folder, job_input(data))
 
             def progress(value: float) -> None:
@@ -480,11 +521,13 @@ class SharedWorker:
 
             store_back = job.source is not None and job.source.store_back
             self.runner.run(job, scan, progress, self._salt, self._store_back if store_back else None)
-            owned = store.transition(job_id, JobStatus.done, {"progress": 1.0, "finished": time.time()}, attempt)
+            owned = store.transition(job_id, JobStatus.done, {"progress": 1.0, "finished": time.time()}, attempt,
+                                     model)
             log.info("job %s done in %.2f s%s", job_id, time.time() - start,
                      "" if owned else " (another attempt owns it now; its record is left alone)")
         except Exception as e:  # a broken scan or a writer bug fails this job, never the worker
-            store.transition(job_id, JobStatus.failed, {"error": public_error(e), "finished": time.time()}, attempt)
+            store.transition(job_id, JobStatus.failed, {"error": public_error(e), "finished": time.time()}, attempt,
+                             model)
             log.warning("job %s failed: %s", job_id, type(e).__name__)
         self._delete_upload(folder, data)
         store.record_duration(time.time() - start)

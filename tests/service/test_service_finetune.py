@@ -128,3 +128,37 @@ def test_fine_tune_over_http_then_the_new_version_is_listed_and_served(served_bu
         assert np.array_equal(remote.mask, local.mask)
         # The served bundle still answers at the root, unchanged.
         assert client.predict_scan(image, tta="none").mask.shape == local.mask.shape
+
+
+def test_serve_finetune_dir_flag_turns_fine_tuning_on(served_bundle: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`medseg serve --finetune-dir` (not only the environment) reaches the settings, and a service built from
+    them has the fine-tuning and versions routes."""
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    import medseg.service.server
+    from medseg.cli import app
+
+    monkeypatch.delenv("MEDSEG_SERVICE_FINETUNE_DIR", raising=False)
+    monkeypatch.delenv("MEDSEG_SERVICE_FINETUNE_MAX_MINUTES", raising=False)
+    seen: list[ServiceSettings] = []
+    monkeypatch.setattr(medseg.service.server, "serve", lambda bundle, host, port, settings: seen.append(settings))
+    runner = CliRunner()
+    res = runner.invoke(app, ["serve", str(served_bundle), "--device", "cpu", "--finetune-dir",
+                              str(tmp_path / "versions"), "--finetune-max-minutes", "5"])
+    assert res.exit_code == 0, res.output
+    assert (seen[0].finetune_dir, seen[0].finetune_max_minutes) == (tmp_path / "versions", 5.0)
+    assert runner.invoke(app, ["serve", str(served_bundle), "--device", "cpu"]).exit_code == 0
+    assert seen[1].finetune_dir is None  # off without the flag or the variable
+    assert "--finetune-dir" in runner.invoke(app, ["serve", "--help"]).output
+
+    with running_service(served_bundle, replace(seen[0], work_dir=tmp_path / "work")) as url:
+        listed = httpx.get(f"{url}/v1/versions")
+        assert listed.status_code == 200 and [v["base_path"] for v in listed.json()["versions"]] == [""]
+        r = httpx.post(f"{url}/v1/finetune", headers=HEADERS, files={"reviews": ("r.zip", b"not a zip")})
+        assert r.status_code == 422  # the route is there (404 with fine-tuning off) and vets the upload
+        r = httpx.get(f"{url}/versions/tiny-nuclei-v2/v1/models")
+        assert r.status_code == 404 and "no fine-tuned version" in r.json()["error"]
+    assert (tmp_path / "versions").is_dir()
