@@ -82,6 +82,9 @@ def student_config(teacher: Bundle, data: Path, encoder: str | None, max_minutes
     if cfg.train.schedule == "sgdr":
         cfg.train.schedule, cfg.train.schedule_params = "cosine", {}
     cfg.train.budget_minutes = max_minutes
+    # The teacher's own pseudo-labelling is not the student's: images without masks come in through --unlabeled
+    # (labelled by the teacher, with soft targets); inherited rounds would mix samples without them.
+    cfg.train.unlabeled = type(cfg.train.unlabeled)()
     cfg.inference.tta = TTAMode.none  # single-model inference cost is the point
     cfg.name = f"{teacher.name}-student"
     cfg.description = f"Student of `{teacher.name}` (knowledge distillation, medseg distill)."
@@ -157,8 +160,10 @@ class SoftTargetCache(torch.utils.data.Dataset):
         self.problems = [p for cache in caches for p in cache.problems]
         self.ids = [i for cache in caches for i in cache.ids]
         self._pseudo: dict[str, dict[str, np.ndarray]] = {}
+        weighted = False  # the loss uses weight maps: teacher-labelled images need one too, or batches mix keys
         for k in range(len(self.index)):
             d = self._case(k)
+            weighted = weighted or "weight" in d
             soft = self._soft(str(d["id"]))
             if soft.shape[1:] != d["image"].shape[1:]:
                 raise DatasetError(f"{d['id']}: teacher target shape {soft.shape[1:]} differs from the case's "
@@ -167,6 +172,8 @@ class SoftTargetCache(torch.utils.data.Dataset):
                 label = np.asarray(soft).argmax(0).astype(np.uint8)
                 points, classes = foreground_points(label)
                 self._pseudo[str(d["id"])] = {"label": label, "fg_points": points, "fg_classes": classes}
+        for extra in self._pseudo.values() if weighted else ():
+            extra["weight"] = np.ones(extra["label"].shape, dtype=np.float32)  # no boundary term without instances
 
     def _case(self, k: int) -> dict[str, Any]:
         c, i = self.index[k]

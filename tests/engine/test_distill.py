@@ -164,3 +164,39 @@ def test_a_student_that_preprocesses_differently_is_refused(teacher: Path, tiny_
     res = CliRunner().invoke(app, ["distill", str(teacher), "--data", str(tiny_data), "--out", str(tmp_path / "s"),
                                    "--set", "data.intensity=minmax", *STUDENT_SETS])
     assert res.exit_code == 1 and "data.intensity" in res.output and "Traceback" not in res.output
+
+
+def test_teacher_labelled_images_carry_what_labelled_cases_carry(teacher: Path, tiny_data: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """With weight maps on, labelled cases carry ``weight`` and images from --unlabeled did not: a batch mixing them
+    lost the weights or failed to collate. Every sample now has the same keys; the student's config does not
+    inherit the teacher's ``train.unlabeled`` (its images without masks come in through --unlabeled)."""
+    from medseg.engine import distill as distill_module
+
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for p in sorted((tiny_data / "images").iterdir())[:2]:
+        (unlabeled / f"extra_{p.name}").write_bytes(p.read_bytes())
+    keys: list[frozenset[str]] = []
+    wrap = distill_module.SoftTargetCache.__getitem__
+
+    def recording(self, k):
+        d = wrap(self, k)
+        keys.append(frozenset(d))
+        return d
+
+    monkeypatch.setattr(distill_module.SoftTargetCache, "__getitem__", recording)
+    res = CliRunner().invoke(app, ["distill", str(teacher), "--data", str(tiny_data), "--out", str(tmp_path / "s"),
+                                   "--unlabeled", str(unlabeled), "--device", "cpu", *STUDENT_SETS,
+                                   "--set", "loss.weight_map=true", "--set", "train.batch_size=8"])
+    assert res.exit_code == 0, res.output
+    assert keys and len(set(keys)) == 1 and "weight" in keys[0], set(keys)
+
+    parent = load_bundle(teacher)
+    taught = parent.config.model_copy(deep=True)
+    taught.train.unlabeled.enabled = True
+    from dataclasses import replace
+
+    from medseg.engine.distill import student_config
+
+    assert not student_config(replace(parent, config=taught), tiny_data, None, None, None).train.unlabeled.enabled
