@@ -38,6 +38,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests/pacs"))  # the Orthanc fixture of the PACS tests (not a package)
+sys.path.insert(0, str(REPO / "tests/service"))  # the service tests' helpers (not a package)
+from service_support import wait_finished  # noqa: E402
+
 CLIENT = {"X-Medseg-Client": "tests"}
 WORKER_TIMEOUT_S = 4.0  # a worker silent this long is dead (short, so the test sees the requeue quickly)
 JOB_WAIT_S = 600.0  # the shared 2-core machine is slow; nothing here asserts on time
@@ -183,16 +186,6 @@ def submit(url: str, name: str, data: bytes, **form: str) -> httpx.Response:
     return httpx.post(f"{url}/v1/segment", files={"file": (name, data)}, data=form, timeout=60, headers=CLIENT)
 
 
-def wait_finished(url: str, job_id: str, timeout: float = JOB_WAIT_S) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
-        if status["status"] in ("done", "failed"):
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} not finished after {timeout} s")
-
-
 def done_lines(cluster: Cluster, worker: int) -> list[str]:
     return [line for line in (cluster.logs / f"worker{worker}.log").read_text().splitlines()
             if " done in " in line]
@@ -209,7 +202,7 @@ def test_forty_jobs_across_two_replicas_match_the_in_process_predictor(cluster: 
     assert len(set(jobs)) == 40
     for i, job_id in enumerate(jobs):
         other = cluster.apis[(i + 1) % 2]  # the replica that did not take the upload
-        assert wait_finished(other, job_id)["status"] == "done"
+        assert wait_finished(other, job_id, JOB_WAIT_S)["status"] == "done"
     nontrivial = 0
     for i, job_id in enumerate(jobs):
         (tmp_path / "crop.png").write_bytes(images[i])
@@ -253,7 +246,7 @@ def test_worker_killed_mid_job_its_job_completes_on_the_other_one_seg_in_the_pac
     os.kill(victim_pid, signal.SIGKILL)
     victim.wait(30)
 
-    status = wait_finished(cluster.apis[1], job_id)  # the other replica answers too
+    status = wait_finished(cluster.apis[1], job_id, JOB_WAIT_S)  # the other replica answers too
     assert status["status"] == "done", status
     assert status["pacs"]["stored"] and status["pacs"]["store_error"] is None, status
     record = store.hgetall(f"medseg:job:{job_id}")
@@ -277,7 +270,7 @@ def test_worker_killed_mid_job_its_job_completes_on_the_other_one_seg_in_the_pac
     assert len(segs) == 1 and int(segs[0]["NumberOfSeriesRelatedInstances"]) == 1
 
     # The survivor still takes new jobs; /health counts one live worker once the victim's heartbeat is stale.
-    assert wait_finished(api, submit(api, "a.png", crops(datasets_dir, 1)[0]).json()["job_id"])["status"] == "done"
+    assert wait_finished(api, submit(api, "a.png", crops(datasets_dir, 1)[0]).json()["job_id"], JOB_WAIT_S)["status"] == "done"
     assert cluster.wait_ready(api, workers=1)["workers"] == 1
 
 
@@ -307,7 +300,7 @@ def test_full_shared_queue_gets_429_then_a_new_worker_drains_it(redis_url: str, 
         assert httpx.get(f"{api}/health", timeout=10).json()["queue_depth"] == 2
         c.start_worker()
         for r in first:
-            assert wait_finished(api, r.json()["job_id"])["status"] == "done"
+            assert wait_finished(api, r.json()["job_id"], JOB_WAIT_S)["status"] == "done"
         assert submit(api, "a.png", images[2]).status_code == 202
         health = httpx.get(f"{api}/health", timeout=10)
         assert health.status_code == 200 and health.json()["workers"] == 1

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -29,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests/service"))  # the service tests' helpers (not a package)
-from service_support import build_tiny_bundle, running_service  # noqa: E402
+from service_support import build_tiny_bundle, running_service, wait_finished  # noqa: E402
 
 HEADERS = {CLIENT_HEADER: "tests"}
 VERSION = "tiny-v2"
@@ -41,16 +40,6 @@ def _png(datasets_dir: Path) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image[:64, :64]).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _wait(url: str, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + JOB_WAIT_S
-    while time.monotonic() < deadline:
-        status = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
-        if status["status"] in ("done", "failed"):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not finished after {JOB_WAIT_S} s")
 
 
 @pytest.fixture
@@ -93,7 +82,7 @@ def test_a_versions_jobs_wait_for_its_own_worker(redis_url: str, datasets_dir: P
     base_job = base_job.json()["job_id"]
 
     # The base worker, idle and polling, does the base job submitted after the version's, and leaves that one be.
-    assert _wait(url, base_job)["status"] == "done"
+    assert wait_finished(url, base_job, JOB_WAIT_S)["status"] == "done"
     time.sleep(1.0)  # ten more polls of the base worker
     store = redis.Redis.from_url(redis_url, decode_responses=True)
     record = store.hgetall(f"medseg:job:{version_job}")
@@ -102,7 +91,7 @@ def test_a_versions_jobs_wait_for_its_own_worker(redis_url: str, datasets_dir: P
     assert httpx.get(f"{url}/health", timeout=10).json()["queue_depth"] == 0
 
     start_worker(version_predictor, "version-worker")
-    assert _wait(version_url, version_job)["status"] == "done"
+    assert wait_finished(version_url, version_job, JOB_WAIT_S)["status"] == "done"
     health = httpx.get(f"{version_url}/health", timeout=10)
     assert health.status_code == 200 and health.json()["workers"] == 1 and health.json()["queue_depth"] == 0
     assert store.hget(f"medseg:job:{version_job}", "worker") == "version-worker"

@@ -4,7 +4,7 @@ configured endpoint and a series, the service retrieves, segments and stores the
 from __future__ import annotations
 
 import logging
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +19,14 @@ from orthanc_server import AUTH_HEADER, PATIENT_ID, PATIENT_NAME, Pacs
 from medseg.io import read_scan
 from medseg.io.dicomweb import retrieve_series, search_series
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))  # the service tests' helpers
+from service_support import wait_finished  # noqa: E402
+
 CLIENT = {"X-Medseg-Client": "tests"}
 
 
 def _submit(service: str, **body: Any) -> httpx.Response:
     return httpx.post(f"{service}/v1/segment/dicomweb", json=body, headers=CLIENT, timeout=120)
-
-
-def _wait(url: str, job_id: str, timeout: float = 300) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
-        if status["status"] in ("done", "failed"):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not finished after {timeout} s")
 
 
 def _seg_series(pacs: Pacs, study_uid: str, seg_series_uid: str) -> list[dict[str, Any]]:
@@ -56,7 +49,7 @@ def test_job_from_pacs_segments_and_stores_the_seg_back(pacs: Pacs, pacs_service
                         store_back=True)
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["job_id"]
-    status = _wait(pacs_service, job_id)
+    status = wait_finished(pacs_service, job_id)
     assert status["status"] == "done", status
     source = status["pacs"]
     assert source["stored"] and source["store_error"] is None and source["series_uid"] == study.series_uid
@@ -92,7 +85,7 @@ def test_without_store_back_nothing_is_stored(pacs: Pacs, pacs_service: str) -> 
     before = {s["SeriesInstanceUID"] for s in search_series(pacs.endpoint, study.study_uid, modality="SEG")}
     job_id = _submit(pacs_service, endpoint="test-pacs", study_uid=study.study_uid,
                      series_uid=study.series_uid).json()["job_id"]
-    status = _wait(pacs_service, job_id)
+    status = wait_finished(pacs_service, job_id)
     assert status["status"] == "done" and not status["pacs"]["stored"]
     after = {s["SeriesInstanceUID"] for s in search_series(pacs.endpoint, study.study_uid, modality="SEG")}
     assert after == before

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from medseg.bundle import save_bundle
@@ -63,3 +64,14 @@ def running_service(predictor: Any, settings: ServiceSettings, model_card: str =
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def wait_finished(url: str, job_id: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Poll ``GET /v1/jobs/{id}`` until the job is done or failed; its last status. Fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        if status["status"] in ("done", "failed"):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not finished after {timeout} s")
