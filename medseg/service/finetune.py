@@ -15,8 +15,7 @@ GET  /v1/versions                the served bundle and every fine-tuned version:
 Why upload the reviews rather than share a folder: the app and the service usually run on different machines (the
 service on a GPU host), and a shared folder would couple their deployments; the review dataset is small (the cases
 clinicians looked at). Fine-tuning is off unless ``medseg serve --finetune-dir`` (``MEDSEG_SERVICE_FINETUNE_DIR``)
-names a writable folder: versions
-land there (``<model>-v2``, ``-v3``…) and are served again after a restart.
+names a writable folder: versions land there (``<model>-v2``, ``-v3``…) and are served again after a restart.
 
 A job runs ``medseg finetune`` in a child process (its own session, logged to the job folder): training for minutes
 must not block the inference worker's thread, and a crash of the training cannot take the service down. One job at
