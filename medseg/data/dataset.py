@@ -288,6 +288,14 @@ def _window(center: int, size: int, extent: int, centred: bool) -> tuple[slice, 
     return slice(max(0, start), min(extent, stop)), (max(0, -start), max(0, stop - extent))
 
 
+def epoch_item(index: int, n_items: int, epoch_length: int, rng: np.random.Generator) -> int:
+    """Which item sample ``index`` of an epoch trains on. A loader hands out indices below ``epoch_length``: when
+    that covers the items, cycle through them (each at least once per epoch); when the epoch is shorter than the
+    dataset (``train.samples_per_epoch`` under the number of cases or slices), draw one at random, else the items
+    past the epoch length would never be trained on."""
+    return index % n_items if epoch_length >= n_items else int(rng.integers(n_items))
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Random augmented training patches: 2D cases directly, 3D cases as 2.5D slices.
 
@@ -389,7 +397,7 @@ class PatchDataset(torch.utils.data.Dataset):
             d, z = self.pseudo.draw(self.rng)
             augment = self.pseudo.augment
         else:
-            i, z = self.items[index % len(self.items)]
+            i, z = self.items[epoch_item(index, len(self.items), self.length, self.rng)]
             d = self.cache[i]
         z, (cy, cx), centred = self._centre(d, z)
         label_full = d["label"]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medseg.config import ExperimentConfig
-from medseg.data.dataset import case_input
+from medseg.data.dataset import case_input, epoch_item
 from medseg.errors import ConfigError
 from medseg.models import EncoderFeatureCache
 from medseg.transforms.padding import pad
@@ -116,7 +116,7 @@ class AlignedCrops(torch.utils.data.Dataset):
         if info is not None and info.seed != self._worker_seed:  # every worker holds a copy of the same seed
             self.augment.reseed(info.seed)
             self._worker_seed = info.seed
-        item = index % len(self.items)
+        item = epoch_item(index, len(self.items), self.length, self.augment.rng)
         _, label, weight = self._arrays(item)
         widths = self._padding(label.shape)
         (ph, pw), s = self.patch, self.stride

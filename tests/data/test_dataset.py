@@ -97,3 +97,20 @@ def test_sampler_state_resumes_the_same_patches(tmp_path: Path) -> None:
     again = [ds[i]["image"].numpy() for i in range(3)]
     for a, b in zip(after, again, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_epoch_shorter_than_the_dataset_still_draws_every_case(tmp_path: Path, monkeypatch) -> None:
+    """Bug: items were taken as ``items[index % len(items)]`` and the loader hands out indices below the epoch
+    length, so with ``train.samples_per_epoch`` under the number of cases (or of slices of a volume dataset) the
+    cases after that point were never trained on."""
+    root = _dataset(tmp_path / "d", n=6)
+    cfg = _cfg(root)
+    cache = build_case_cache(discover_cases(root), cfg)
+    ds = PatchDataset(cache, cfg, build_augmentation_2d("none", (32, 32), 3, seed=0), samples_per_epoch=2)
+    seen: list[str] = []
+    centre = PatchDataset._centre
+    monkeypatch.setattr(PatchDataset, "_centre", lambda self, d, z: (seen.append(d["id"]), centre(self, d, z))[1])
+    for _ in range(20):  # 20 epochs of 2 samples, through the indices a loader gives
+        for i in range(len(ds)):
+            ds[i]
+    assert len(set(seen)) == 6, sorted(set(seen))

@@ -60,12 +60,13 @@ def test_snapshot_ensemble_has_one_member_per_completed_sgdr_cycle(tiny_cfg, tmp
 
 
 def test_swa_member_has_batchnorm_statistics_recomputed_for_the_averaged_weights(tiny_cfg, tmp_path: Path) -> None:
-    # One batch per epoch (4 of the 6 training crops, 64x64 = the patch: no randomness in the pixels), so a
-    # recompute over the train loader sees exactly what Lightning's BatchNorm pass saw.
+    # One batch per epoch holding all 6 training crops (64x64 = the patch: no randomness in the pixels), so a
+    # recompute over the train loader sees exactly what Lightning's BatchNorm pass saw. (A shorter epoch draws
+    # its crops at random, and the recompute would see others.)
     # NCHW here: channels-last convolutions are not bitwise reproducible across oneDNN's algorithm choices (the
     # recompute then agrees only to ~5e-5 relative), and this test checks the statistics to 1e-5.
-    cfg = tiny_cfg("train.epochs=3", "train.swa=true", "train.swa_start_epoch=0.34", "train.samples_per_epoch=4",
-                   "train.channels_last=false")
+    cfg = tiny_cfg("train.epochs=3", "train.swa=true", "train.swa_start_epoch=0.34", "train.samples_per_epoch=6",
+                   "train.batch_size=6", "train.channels_last=false")
     capture = _Capture(epoch=2)  # the last regular epoch; epoch 3 is Lightning's BatchNorm pass
     result = train(cfg, tmp_path, progress=False, extra_callbacks=[capture, _NoDropPath()])
     assert result.members == ["swa"]
