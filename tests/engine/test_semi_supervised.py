@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -167,3 +168,40 @@ def test_ignored_pixels_reach_the_loss_as_zero_weight(tiny_cfg) -> None:
     loss = module.training_step(batch, 0)
     loss.backward()
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in module.model.parameters())
+
+
+class _PseudoBatches(L.Callback):
+    """Per epoch: how many training batches held pseudo-labelled pixels (``IGNORE_INDEX``, which labeled masks never
+    carry). It looks at the batches the main process receives, so it sees what data-loader workers produced."""
+
+    def __init__(self) -> None:
+        self.per_epoch: dict[int, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        hit = int(bool((batch["label"] == IGNORE_INDEX).any()))
+        self.per_epoch[trainer.current_epoch] = self.per_epoch.get(trainer.current_epoch, 0) + hit
+
+
+class _StopAfterEpoch(L.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def test_a_run_resumed_at_a_round_start_trains_on_that_rounds_labels(partly_labeled: Path, tmp_path: Path) -> None:
+    """Interrupted after the warm-up epoch and resumed: the round that starts the resumed run's first epoch is
+    predicted before that epoch's loader (and its worker processes) starts, so the epoch draws pseudo-labels, as the
+    uninterrupted run's epoch 1 does (non-persistent workers copy the dataset when the epoch's loader starts).
+    Confidence 0.999 leaves most pixels of a barely trained model ignored."""
+    cfg = _cfg(partly_labeled, "train.epochs=2", "train.unlabeled.enabled=true", "train.unlabeled.rounds=1",
+               "train.unlabeled.confidence=0.999", "train.unlabeled.share=0.9", "data.num_workers=1")
+    out = tmp_path / "resumed"
+    train(cfg, out, progress=False, extra_callbacks=[_StopAfterEpoch(0)])
+    assert not (out / "pseudo_labels").exists()  # interrupted before the round
+    resumed = _PseudoBatches()
+    train(cfg, out, resume=True, progress=False, extra_callbacks=[resumed])
+    assert (out / "pseudo_labels/round_1.npz").is_file()
+    assert resumed.per_epoch.get(0, 0) == 0 and resumed.per_epoch.get(1, 0) > 0, resumed.per_epoch
