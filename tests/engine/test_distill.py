@@ -73,6 +73,26 @@ def test_distill_cli_writes_a_student_bundle_that_predicts(teacher: Path, tiny_d
     assert folders[0].name == key != targets_key(parent, "none", student.config)
 
 
+def test_a_student_with_another_encoder_learns_from_the_teachers_targets(teacher: Path, tiny_data: Path,
+                                                                        tmp_path: Path) -> None:
+    """``--student-encoder``: a smaller network (here timm's tiny test EfficientNet) trains on the teacher's targets and
+    ships as a bundle of that encoder, which predicts."""
+    out = tmp_path / "small"
+    res = CliRunner().invoke(app, ["distill", str(teacher), "--data", str(tiny_data), "--out", str(out),
+                                   "--student-encoder", "tu-test_efficientnet", "--device", "cpu", *STUDENT_SETS])
+    assert res.exit_code == 0, res.output
+    student, parent = load_bundle(out / "bundle"), load_bundle(teacher)
+    assert student.config.model.encoder == "tu-test_efficientnet" != parent.config.model.encoder
+    assert student.preprocessing["distillation"]["teacher_weights_hash"] == parent.weights_hash
+    n_student = sum(v.numel() for v in torch.load(student.member_files[0], map_location="cpu", weights_only=True).values()
+                    if torch.is_tensor(v))
+    n_teacher = sum(v.numel() for v in torch.load(parent.member_files[0], map_location="cpu", weights_only=True).values()
+                    if torch.is_tensor(v))
+    assert n_student < n_teacher
+    scan = read_scan(sorted((tiny_data / "images").iterdir())[0])
+    assert Predictor.from_bundle(out / "bundle", device="cpu").predict_scan(scan).mask.shape == scan.spatial_shape
+
+
 def test_cached_targets_are_the_teachers_probabilities(teacher: Path, tiny_data: Path, tmp_path: Path) -> None:
     from medseg.data.datalist import discover_cases
     from medseg.data.dataset import build_case_cache, case_input
