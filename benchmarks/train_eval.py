@@ -34,7 +34,8 @@ def main() -> None:
     result = train(cfg, args.out, progress=False)
     train_min = (time.time() - t0) / 60
     t1 = time.time()
-    rows, summary = evaluate_bundle(result.bundle, None, "val", "auto")
+    evaluation = evaluate_bundle(result.bundle, None, "val", "auto")
+    rows, summary = evaluation.rows, evaluation.summary
     eval_s = time.time() - t1
     hd = [r["hd95"] for r in rows if np.isfinite(r["hd95"])]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.machine()})"

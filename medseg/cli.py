@@ -386,15 +386,17 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="CSV path for per-case metrics")] = None,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
-    """Per-case, per-label Dice and HD95 (MONAI) on a dataset split; prints a table, writes a CSV."""
+    """Per-case, per-label Dice and HD95 (MONAI) on a dataset split, and AJI / Panoptic Quality / object F1 where the
+    data has instance maps (data.instances_dir); prints tables, writes a CSV."""
     from medseg.engine.evaluate import evaluate_bundle
 
     try:
-        rows, summary = evaluate_bundle(bundle, data, split, device)
+        result = evaluate_bundle(bundle, data, split, device)
     except MedsegError as e:
         _fail(e)
         return
-    table = Table(title=f"{bundle.name}: {split} split, {len(rows)} cases")
+    rows, summary = result.rows, result.summary
+    table = Table(title=f"{bundle.name}: {split} split, {result.n_cases} cases")
     for col in ("case", "label", "dice", "hd95"):
         table.add_column(col)
     for r in rows:
@@ -402,9 +404,24 @@ def evaluate(
     for label, (mean, sd) in summary.items():
         table.add_row("[b]mean ± sd[/b]", label, f"{mean:.4f} ± {sd:.4f}", "")
     Console().print(table)
+    if result.objects:
+        objects = Table(title=f"objects (connected components of the foreground vs the instance maps), "
+                              f"{len(result.objects)} cases")
+        for col in ("case", "AJI", "PQ", "object F1", "fused", "objects"):
+            objects.add_column(col)
+        for o in result.objects:
+            objects.add_row(o["case"], f"{o['aji']:.4f}", f"{o['pq']:.4f}", f"{o['object_f1']:.4f}", str(o["fused"]),
+                            str(o["objects"]))
+        means = result.object_summary
+        objects.add_row("[b]mean ± sd[/b]", *(f"{means[k][0]:.4f} ± {means[k][1]:.4f}" for k in ("aji", "pq", "object_f1")),
+                        str(sum(o["fused"] for o in result.objects)), str(sum(o["objects"] for o in result.objects)))
+        Console().print(objects)
+    by_case = {o["case"]: {k: v for k, v in o.items() if k != "case"} for o in result.objects}
+    rows = [{**r, **by_case.get(r["case"], {})} for r in rows]  # object metrics are per case, on each label's row
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     out = out or Path(bundle).parent / f"evaluate_{split}.csv"
     with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     console.print(f"per-case metrics written to {out}", highlight=False)

@@ -37,6 +37,12 @@ def test_train_writes_bundle_curves_and_metrics(nuclei_run: Path) -> None:
     assert b.config.data.limit_cases == 10 and b.labels[1]["name"] == "nucleus"
     assert "val Dice" in b.model_card and "Research use only" in b.model_card
     assert (nuclei_run / "metrics.csv").read_text().count("\n") == 2  # header + 1 epoch
+    # The sample has instance maps: the shipped model's object metrics are in the card and the run record.
+    assert "val AJI (shipped model" in b.model_card and "val PQ (shipped model" in b.model_card
+    import json
+
+    result = json.loads((nuclei_run / "run_info.json").read_text())["result"]
+    assert 0.0 <= result["val_aji_shipped"] <= 1.0 and 0.0 <= result["val_pq_shipped"] <= 1.0
 
 
 def test_predict_writes_masks_and_overlays_and_isolates_bad_files(nuclei_run: Path, tmp_path: Path) -> None:
@@ -64,6 +70,19 @@ def test_evaluate_reports_dice_and_hd95(nuclei_run: Path, tmp_path: Path) -> Non
     assert res.exit_code == 0, res.output
     lines = csv.read_text().splitlines()
     assert lines[0].startswith("case,label,dice,iou,hd95") and len(lines) == 1 + 2  # 10 cases, 5 folds -> 2 val
+    # The sample has instance maps (data.instances_dir): AJI and PQ of the same predictions, per case.
+    assert "objects" in res.output and "AJI" in res.output and "PQ" in res.output
+    import csv as csvlib
+
+    from medseg.data import discover_cases
+    from medseg.inference import Predictor
+    from medseg.metrics import object_metrics
+
+    rows = list(csvlib.DictReader(lines))
+    case = next(c for c in discover_cases(SAMPLE, instances_dir="instances") if c.id == rows[0]["case"])
+    pred = Predictor.from_bundle(nuclei_run / "bundle").predict_scan(read_scan(case.image)).mask
+    expected = object_metrics(pred, read_scan(case.instances).array)
+    assert float(rows[0]["aji"]) == pytest.approx(expected["aji"]) and float(rows[0]["pq"]) == pytest.approx(expected["pq"])
 
 
 def test_hippocampus_2p5d_train_and_predict_keeps_geometry(datasets_dir: Path, tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """The one evaluation loop: a predictor against labeled cases on their own grids — per-case, per-label Dice, IoU
-and HD95. `medseg evaluate`, the end of `medseg train` (the Dice of what the bundle ships), the demo and the
-benchmarks all score through `evaluate_cases`. A case that cannot be read is reported and the others are scored.
+and HD95, and for cases with an instance map (``data.instances_dir``) the object metrics of the predicted
+foreground's connected components: AJI, Panoptic Quality, object F1 and fused objects (`medseg.metrics.object_metrics`).
+`medseg evaluate`, the end of `medseg train` (the Dice of what the bundle ships), the demo and the benchmarks all
+score through `evaluate_cases`. A case that cannot be read is reported and the others are scored.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from medseg.data import Case, discover_cases, read_datalist, train_val_ids
 from medseg.data.preprocess import map_labels
 from medseg.errors import DatasetError, MedsegError
 from medseg.io import read_mask, read_scan
-from medseg.metrics import per_label_metrics
+from medseg.metrics import object_metrics, per_label_metrics
 
 log = logging.getLogger("medseg")
 
@@ -29,11 +31,19 @@ log = logging.getLogger("medseg")
 class Evaluation:
     """``rows``: one per case and foreground label ``{case, label, dice, iou[, hd95]}``; ``summary``: label name ->
     (mean, sd) Dice over cases; ``mean_dice``: mean over labels of the per-label means; ``failed``: one line per
-    case that could not be scored."""
+    case that could not be scored; ``objects``: one per case with an instance map ``{case, aji, pq, object_f1,
+    fused, objects, components}`` (the predicted foreground's connected components against the instance map)."""
 
     rows: list[dict[str, Any]]
     summary: dict[str, tuple[float, float]]
     failed: list[str] = field(default_factory=list)
+    objects: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def object_summary(self) -> dict[str, tuple[float, float]]:
+        """Metric -> (mean, sd) over the cases with an instance map (AJI, PQ, object F1); empty without any."""
+        return {k: (float(np.mean([o[k] for o in self.objects])), float(np.std([o[k] for o in self.objects])))
+                for k in ("aji", "pq", "object_f1") if self.objects}
 
     @property
     def mean_dice(self) -> float:
@@ -61,10 +71,11 @@ def evaluate_cases(
     on_case: Callable[[Case, Any, Any, np.ndarray], None] | None = None,
 ) -> Evaluation:
     """Predict every case with ``predictor`` (anything with ``predict_scan``) and score it against its mask
-    (surface Dice too with ``surface_tolerance_mm``). ``on_case(case, scan, prediction, target)`` is called after
-    each case (writers, progress)."""
+    (surface Dice too with ``surface_tolerance_mm``), and against its instance map when it has one.
+    ``on_case(case, scan, prediction, target)`` is called after each case (writers, progress)."""
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
+    objects: list[dict[str, Any]] = []
     labels = cfg.data.labels
     for case in cases:
         try:
@@ -79,6 +90,21 @@ def evaluate_cases(
                                     surface_tolerance_mm=surface_tolerance_mm)
         for k, m in metrics.items():
             rows.append({"case": case.id, "label": labels[k], **m})
+        if case.instances is not None:
+            try:
+                instances = read_mask(case.instances).array
+            except MedsegError as e:
+                failed.append(f"objects not scored: {e}")
+                log.warning("objects not scored: %s", e)
+            else:
+                if instances.shape != pred.mask.shape:
+                    failed.append(f"objects not scored: {case.instances.name}: instance map {instances.shape} differs "
+                                  f"from the image's grid {pred.mask.shape}")
+                else:
+                    om = object_metrics(pred.mask, instances)
+                    objects.append({"case": case.id, "aji": om["aji"], "pq": om["pq"], "object_f1": om["f1"],
+                                    "fused": int(om["merged"]), "objects": int(om["n_gt"]),
+                                    "components": int(om["n_pred"])})
         if on_case is not None:
             on_case(case, scan, pred, target)
     summary = {}
@@ -86,17 +112,19 @@ def evaluate_cases(
         d = [r["dice"] for r in rows if r["label"] == labels[k]]
         if d:
             summary[labels[k]] = (float(np.mean(d)), float(np.std(d)))
-    return Evaluation(rows, summary, failed)
+    return Evaluation(rows, summary, failed, objects)
 
 
 def bundle_cases(bundle_cfg: ExperimentConfig, bundle_path: Path, data: Path | None, split: str) -> list[Case]:
     """The cases of ``split`` (val | train | all) of the data a bundle was trained on (or ``data``)."""
     if data is not None:
-        cases = discover_cases(Path(data), bundle_cfg.data.images_dir, bundle_cfg.data.masks_dir)
+        cases = discover_cases(Path(data), bundle_cfg.data.images_dir, bundle_cfg.data.masks_dir,
+                               bundle_cfg.data.instances_dir)
     elif bundle_cfg.data.datalist is not None:
         cases = read_datalist(bundle_cfg.data.datalist)
     elif bundle_cfg.data.root is not None:
-        cases = discover_cases(bundle_cfg.data.root, bundle_cfg.data.images_dir, bundle_cfg.data.masks_dir)
+        cases = discover_cases(bundle_cfg.data.root, bundle_cfg.data.images_dir, bundle_cfg.data.masks_dir,
+                               bundle_cfg.data.instances_dir)
     else:
         raise DatasetError("no data: pass --data")
     if split != "all":
@@ -112,9 +140,9 @@ def bundle_cases(bundle_cfg: ExperimentConfig, bundle_path: Path, data: Path | N
     return cases
 
 
-def evaluate_bundle(bundle_path: Path, data: Path | None, split: str = "val", device: str = "auto"):
-    """Returns (rows, summary) for ``medseg evaluate``: rows ``{case, label, dice, iou, hd95}``; summary label ->
-    (mean, sd) Dice."""
+def evaluate_bundle(bundle_path: Path, data: Path | None, split: str = "val", device: str = "auto") -> Evaluation:
+    """`medseg evaluate`: the bundle on the cases of ``split`` (its own data, or ``data``), through `evaluate_cases`;
+    raises when no case could be scored."""
     from medseg.inference import Predictor
 
     bundle = load_bundle(bundle_path)
@@ -122,4 +150,4 @@ def evaluate_bundle(bundle_path: Path, data: Path | None, split: str = "val", de
     result = evaluate_cases(Predictor.from_bundle(bundle, device=device), cases, bundle.config)
     if not result.rows:
         raise DatasetError(f"no case could be scored: {result.failed[0] if result.failed else 'no cases'}")
-    return result.rows, result.summary
+    return result

@@ -549,9 +549,11 @@ def _finish(cfg: ExperimentConfig, out_dir: Path, setup: _RunSetup, trainer: L.T
     shipped = float("nan")
     if trainer.is_global_zero:
         (out_dir / "diagnosis.txt").write_text("\n".join(f"[{f.code}] {f.message}" for f in findings) + "\n")
-        shipped, per_label = _score_members(cfg, members, setup.val_cases)
+        shipped, per_label, objects = _score_members(cfg, members, setup.val_cases)
         metrics = {f"val Dice {name} (shipped model, {len(setup.val_cases)} cases)": v for name, v in per_label.items()}
         metrics["val Dice (foreground mean, shipped model)"] = shipped
+        for name, value in objects.items():  # cases with instance maps (data.instances_dir)
+            metrics[f"val {name} (shipped model, connected components vs instance maps)"] = value
         if math.isfinite(best_dice):
             metrics["val Dice (best checkpoint during training, validation subset, model grid)"] = best_dice
         plan = ("\n## Plan\n" + "\n".join(f"- `{k}` = {v}: {why}" for k, v, why in setup.plan_rows) + "\n"
@@ -571,31 +573,35 @@ def _finish(cfg: ExperimentConfig, out_dir: Path, setup: _RunSetup, trainer: L.T
             extra_files={"splits.json": split_file_for(cfg, out_dir).read_text()},
         )
         _record_result(out_dir, shipped, best_dice, trainer, time.time() - wall_start, setup.left_out,
-                       len(setup.val_cases))
+                       len(setup.val_cases), objects)
     return TrainResult(out_dir, bundle, best_dice, trainer.current_epoch, time.time() - wall_start, list(members),
                        shipped, trainer.global_step, findings, setup.left_out)
 
 
 def _score_members(cfg: ExperimentConfig, members: dict[str, dict[str, torch.Tensor]], val_cases: list[Case]
-                   ) -> tuple[float, dict[str, float]]:
+                   ) -> tuple[float, dict[str, float], dict[str, float]]:
     """Mean foreground Dice (and per label) of the members' ensemble on every validation case, predicted as a
-    user would (Predictor: resampling, tiling, back to the source grid)."""
+    user would (Predictor: resampling, tiling, back to the source grid), and the mean AJI / PQ / object F1 over the
+    cases with an instance map (empty without)."""
     if not val_cases:
-        return float("nan"), {}
+        return float("nan"), {}, {}
     from medseg.engine.evaluate import evaluate_cases
     from medseg.inference.predictor import Predictor, build_member
 
     predictor = Predictor([build_member(cfg, state) for state in members.values()], cfg,
                           device="cuda" if cfg.train.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
     result = evaluate_cases(predictor, val_cases, cfg, hd95=False)
-    return result.mean_dice, {name: mean for name, (mean, _) in result.summary.items()}
+    names = {"aji": "AJI", "pq": "PQ", "object_f1": "object F1"}
+    return (result.mean_dice, {name: mean for name, (mean, _) in result.summary.items()},
+            {names[k]: mean for k, (mean, _) in result.object_summary.items()})
 
 
 def _record_result(out_dir: Path, shipped: float, best: float, trainer: L.Trainer, seconds: float,
-                   left_out: list[str], n_val: int) -> None:
+                   left_out: list[str], n_val: int, objects: dict[str, float]) -> None:
     path = out_dir / "run_info.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
     info["result"] = {"val_dice_shipped": shipped, "val_cases": n_val, "val_dice_best_checkpoint": best,
+                      **{f"val_{k.lower().replace(' ', '_')}_shipped": v for k, v in objects.items()},
                       "epochs": trainer.current_epoch,
                       "global_step": trainer.global_step, "seconds": round(seconds, 1), "left_out": left_out}
     guard = next((c for c in trainer.callbacks if isinstance(c, BudgetGuard)), None)
