@@ -91,7 +91,11 @@ def test_dice(bundle: Path, cases, tta: str) -> tuple[float, float]:
     return float(values.mean()), float(values.std())
 
 
-def train_stage(name: str, work: Path, teacher_tta: str, epochs: int, smoke: bool = False) -> dict:
+def train_stage(name: str, work: Path, teacher_tta: str, epochs: int, smoke: bool = False,
+                teacher_encoder: str | None = None) -> dict:
+    """``teacher_encoder``: the ensemble uses that encoder (e.g. Lite2) and the student the config's (Lite0); the
+    single-model row is then the config's encoder's fold member, so the row set reads "small model, big ensemble,
+    small student"."""
     from medseg.config import load_config
     from medseg.engine.cv import cross_validate
     from medseg.engine.distill import distill
@@ -99,27 +103,37 @@ def train_stage(name: str, work: Path, teacher_tta: str, epochs: int, smoke: boo
     config, _, budget = DATASETS[name]
     pool, test = split_pool_test(name, work)
     budget = [*budget, f"train.epochs={epochs}"]
-    cfg = load_config(REPO / config, [f"data.root={pool}", *budget, *COMMON, *(SMOKE if smoke else []),
-                                        f"name={name}-ensemble"])
+    sets = [f"data.root={pool}", *budget, *COMMON, *(SMOKE if smoke else [])]
+    tag = "" if teacher_encoder is None else "_" + teacher_encoder.rsplit("_", 1)[-1]  # "_lite2"
+    teacher_sets = [*sets, f"name={name}-ensemble{tag}"] + ([f"model.encoder={teacher_encoder}"] if teacher_encoder else [])
+    cfg = load_config(REPO / config, teacher_sets)
     t0 = time.time()
-    cv = cross_validate(cfg, work / name / "cv", folds=5, resume=True, progress=False, device="cpu")
+    cv = cross_validate(cfg, work / name / f"cv{tag}", folds=5, resume=True, progress=False, device="cpu")
     cv_minutes = (time.time() - t0) / 60
     from medseg.bundle import load_bundle
 
     teacher = load_bundle(cv.bundle)
     fold = teacher.config.data.fold
+    if teacher_encoder is not None:  # the single model the student competes with: the config's encoder
+        cross_validate(load_config(REPO / config, [*sets, f"name={name}-ensemble"]), work / name / "cv", folds=5,
+                       resume=True, progress=False, device="cpu")
     single = work / name / "cv" / f"fold_{fold}" / "bundle"
     t0 = time.time()
-    student = distill(cv.bundle, pool, work / name / "student", max_minutes=None, teacher_tta=teacher_tta,
-                      device="cpu", progress=False)
+    student_encoder = load_config(REPO / config).model.encoder if teacher_encoder else None
+    student = distill(cv.bundle, pool, work / name / f"student{tag}", max_minutes=None, teacher_tta=teacher_tta,
+                      student_encoder=student_encoder, device="cpu", progress=False)
     student_minutes = (time.time() - t0) / 60
+    small, big = (load_bundle(single).config.model.encoder, teacher.config.model.encoder)
+    short = {e: e.rsplit("_", 1)[-1] for e in (small, big)}
+    suffix = f" ({short[big]})" if teacher_encoder else ""
     rows = {
-        "single": (single, "none", 1),
-        "ensemble": (cv.bundle, "none", 5),
-        f"ensemble+{teacher_tta}": (cv.bundle, teacher_tta, student.teacher_passes),
-        "student": (student.bundle, "none", 1),
+        f"single ({short[small]})" if teacher_encoder else "single": (single, "none", 1),
+        f"ensemble{suffix}": (cv.bundle, "none", 5),
+        f"ensemble+{teacher_tta}{suffix}": (cv.bundle, teacher_tta, student.teacher_passes),
+        f"student ({short[small]} of {short[big]})" if teacher_encoder else "student": (student.bundle, "none", 1),
     }
-    out = {"dataset": name, "test_cases": len(test), "pool_cases": len(list((pool / "images").iterdir())),
+    out = {"dataset": name, "key": name + tag.replace("_", "+"), "test_cases": len(test),
+           "pool_cases": len(list((pool / "images").iterdir())), "teacher_encoder": big, "student_encoder": small,
            "budget": budget, "teacher_tta": teacher_tta, "cv_minutes": round(cv_minutes, 1),
            "student_minutes": round(student_minutes, 1), "student_val_dice": student.student_dice,
            "teacher_val_dice": student.teacher_dice, "models": {}}
@@ -127,10 +141,19 @@ def train_stage(name: str, work: Path, teacher_tta: str, epochs: int, smoke: boo
         mean, sd = test_dice(bundle, test, tta)
         out["models"][label] = {"bundle": str(bundle), "tta": tta, "passes": passes, "dice": mean, "dice_sd": sd}
         print(f"{name:11s} {label:16s} passes {passes:3d}  test Dice {mean:.4f} ± {sd:.4f}", flush=True)
-    m = out["models"]
-    gain = m[f"ensemble+{teacher_tta}"]["dice"] - m["single"]["dice"]
-    out["kept_share_of_gain"] = (m["student"]["dice"] - m["single"]["dice"]) / gain if gain > 0 else None
+    gain, kept = gain_and_kept(out)
+    out["kept_share_of_gain"] = kept[0][1] if kept else None
     return out
+
+
+def gain_and_kept(result: dict) -> tuple[float, list[tuple[str, float]]]:
+    """(ensemble+TTA Dice − single Dice, [(student row, share of that gain it keeps)]); no shares without a gain."""
+    m = result["models"]
+    single = next(row for label, row in m.items() if label.startswith("single"))
+    ensemble_tta = next(row for label, row in m.items() if label.startswith(f"ensemble+{result['teacher_tta']}"))
+    gain = ensemble_tta["dice"] - single["dice"]
+    kept = [(label, (row["dice"] - single["dice"]) / gain) for label, row in m.items() if label.startswith("student")]
+    return gain, kept if gain > 0 else []
 
 
 def student_stage(result: dict, sets: list[str], teacher_tta: str) -> None:
@@ -148,12 +171,56 @@ def student_stage(result: dict, sets: list[str], teacher_tta: str) -> None:
     first = work / name / "student" / "teacher_targets"
     if first.is_dir() and not (out / "teacher_targets").exists():
         shutil.copytree(first, out / "teacher_targets")
-    student = distill(result["models"]["ensemble"]["bundle"], pool, out, max_minutes=None, teacher_tta=teacher_tta,
+    ensemble = next(row for label, row in result["models"].items() if label.startswith("ensemble") and "+" not in label)
+    student = distill(ensemble["bundle"], pool, out, max_minutes=None, teacher_tta=teacher_tta,
                       device="cpu", progress=False, overrides=sets)
     mean, sd = test_dice(student.bundle, test, "none")
     result["models"][tag] = {"bundle": str(student.bundle), "tta": "none", "passes": 1, "dice": mean, "dice_sd": sd,
                              "targets_computed": student.targets_computed}
     print(f"{name:11s} {tag:16s} passes   1  test Dice {mean:.4f} ± {sd:.4f}", flush=True)
+
+
+def seeds_stage(result: dict, seeds: list[int], teacher_tta: str, epochs: int) -> None:
+    """Run-to-run spread: the single model (the same fold, split and budget) and the student retrained with other
+    ``train.seed`` values, each scored on the same test cases; ``result["seeds"]`` gets a row per seed. Another seed
+    changes the initial decoder weights, the patch draws and the augmentation; the split and the teacher stay."""
+    import shutil
+
+    from medseg.config import load_config
+    from medseg.engine.cv import fold_config
+    from medseg.engine.distill import distill
+    from medseg.engine.train import train
+
+    name, work = result["dataset"], Path(result["work"])
+    pool, test = split_pool_test(name, work)
+    config, _, budget = DATASETS[name]
+    ensemble = next(row for label, row in result["models"].items() if label.startswith("ensemble") and "+" not in label)
+    cv = Path(ensemble["bundle"]).parent
+    from medseg.bundle import load_bundle
+
+    fold = load_bundle(ensemble["bundle"]).config.data.fold
+    single_label = next(label for label in result["models"] if label.startswith("single"))
+    student_label = next(label for label in result["models"] if label.startswith("student") and "=" not in label)
+    rows = result.setdefault("seeds", {})
+    rows.setdefault("42", {"single": result["models"][single_label]["dice"],
+                           "student": result["models"][student_label]["dice"]})
+    for seed in seeds:
+        if str(seed) in rows:
+            continue
+        cfg = load_config(REPO / config, [f"data.root={pool}", *budget, f"train.epochs={epochs}", *COMMON,
+                                            f"train.seed={seed}", f"name={name}-single-seed{seed}"])
+        single = train(fold_config(cfg, 5, fold, cv / "splits.json"), work / name / f"single_seed{seed}",
+                       progress=False)
+        out = work / name / f"student_seed{seed}"
+        first = work / name / "student" / "teacher_targets"
+        if first.is_dir() and not (out / "teacher_targets").exists():
+            shutil.copytree(first, out / "teacher_targets")
+        student = distill(ensemble["bundle"], pool, out, max_minutes=None, teacher_tta=teacher_tta, device="cpu",
+                          progress=False, overrides=[f"train.seed={seed}"])
+        rows[str(seed)] = {"single": test_dice(single.bundle, test, "none")[0],
+                           "student": test_dice(student.bundle, test, "none")[0]}
+        print(f"{name:11s} seed {seed}: single {rows[str(seed)]['single']:.4f}, student {rows[str(seed)]['student']:.4f}",
+              flush=True)
 
 
 def time_stage(result: dict, n_images: int) -> None:
@@ -195,22 +262,28 @@ def table(results: list[dict]) -> str:
                          f"{m['dice']:.4f} ± {m['dice_sd']:.4f} | {ms} |")
     lines.append("")
     for r in results:
-        m = r["models"]
-        gain = m[f"ensemble+{r['teacher_tta']}"]["dice"] - m["single"]["dice"]
-        kept = ", ".join(f"{label} {100 * (row['dice'] - m['single']['dice']) / gain:+.0f} %"
-                         for label, row in m.items() if label.startswith("student")) if gain > 0 else None
-        kept_text = kept or "n/a (the ensemble did not beat the single model)"
-        lines.append(f"- {r['dataset']}: share of the ensemble+TTA's Dice gain over the single model ({gain:+.4f}) "
+        gain, kept = gain_and_kept(r)
+        kept_text = ", ".join(f"{label} {100 * share:+.0f} %" for label, share in kept) or \
+            "n/a (the ensemble did not beat the single model)"
+        lines.append(f"- {r.get('key', r['dataset'])}: share of the ensemble+TTA's Dice gain over the single model ({gain:+.4f}) "
                      f"that the student keeps: {kept_text}; "
                      f"budget per model `{' '.join(b for b in r['budget'] if b.startswith('train.'))}`; "
                      f"5-fold ensemble {r['cv_minutes']} min, student {r['student_minutes']} min (teacher targets "
                      "included) of wall time on the shared CPU")
+        if len(r.get("seeds", {})) > 1:
+            seeds = r["seeds"]
+            single, student = (np.array([row[k] for row in seeds.values()]) for k in ("single", "student"))
+            lines.append(f"  - {r.get('key', r['dataset'])} over seeds {', '.join(seeds)}: single "
+                         f"{single.mean():.4f} ± {single.std(ddof=1):.4f}, student {student.mean():.4f} ± "
+                         f"{student.std(ddof=1):.4f} (mean ± sd of the per-seed test Dice); student − single per seed: "
+                         + ", ".join(f"{b - a:+.4f}" for a, b in zip(single, student, strict=True)))
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("train", "student", "time", "table"), default="train")
+    parser.add_argument("--stage", choices=("train", "student", "seeds", "time", "table"), default="train")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="--stage seeds: train.seed values")
     parser.add_argument("--student-set", nargs="+", default=["distill.weight=0.5", "distill.temperature=1.0"],
                         help="--stage student: config overrides of the extra student")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
@@ -218,28 +291,37 @@ def main() -> None:
     parser.add_argument("--teacher-tta", default="flips")
     parser.add_argument("--time-images", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="--stage train: epochs of 64 patches per model")
+    parser.add_argument("--teacher-encoder", default=None,
+                        help="--stage train: the ensemble's encoder (e.g. timm-tf_efficientnet_lite2); the student and the "
+                             "single model keep the config's (Lite0). Its rows are saved beside the same-encoder rows")
     parser.add_argument("--smoke", action="store_true", help="1 epoch of 16 patches per model (pipeline check)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("medseg.distill").setLevel(logging.INFO)
     warnings.filterwarnings("ignore")
     results = Path("/tmp/medseg_distill_smoke.json") if args.smoke else RESULTS  # smoke numbers are no result
-    saved = {r["dataset"]: r for r in json.loads(results.read_text())} if results.is_file() else {}
-    for name in args.datasets:
-        if args.stage == "train":
-            saved[name] = {**train_stage(name, args.work, args.teacher_tta, args.epochs, args.smoke), "work": str(args.work)}
-        elif args.stage == "student":
-            student_stage(saved[name], args.student_set, args.teacher_tta)
-        elif args.stage == "time":
-            time_stage(saved[name], args.time_images)
-        # Re-read before writing: the datasets may run as parallel processes sharing the file.
-        merged = {r["dataset"]: r for r in json.loads(results.read_text())} if results.is_file() else {}
-        merged[name] = saved[name]
-        saved = {**merged, **{name: saved[name]}}
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(list(merged.values()), indent=1))
-    print(table([saved[n] for n in DATASETS if n in saved]))
 
+    def read() -> dict[str, dict]:
+        return {r.get("key", r["dataset"]): r for r in json.loads(results.read_text())} if results.is_file() else {}
+
+    saved = read()
+    tag = "" if args.teacher_encoder is None else "+" + args.teacher_encoder.rsplit("_", 1)[-1]
+    for name in args.datasets:
+        key = name + tag
+        if args.stage == "train":
+            saved[key] = {**train_stage(name, args.work, args.teacher_tta, args.epochs, args.smoke,
+                                        args.teacher_encoder), "work": str(args.work)}
+        elif args.stage == "student":
+            student_stage(saved[key], args.student_set, args.teacher_tta)
+        elif args.stage == "seeds":
+            seeds_stage(saved[key], args.seeds, args.teacher_tta, args.epochs)
+        elif args.stage == "time":
+            time_stage(saved[key], args.time_images)
+        # Re-read before writing: the datasets may run as parallel processes sharing the file.
+        saved = {**read(), key: saved[key]}
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(list(saved.values()), indent=1))
+    print(table(sorted(saved.values(), key=lambda r: (list(DATASETS).index(r["dataset"]), r.get("key", "")))))
 
 if __name__ == "__main__":
     main()
