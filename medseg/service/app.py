@@ -130,9 +130,10 @@ class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     model: str
     device: str
-    jobs: dict[str, int]
-    queue_depth: int = Field(description="jobs waiting for a worker")
-    workers: int = Field(description="live inference workers (heartbeats); 1 for the in-process queue")
+    jobs: dict[str, int] = Field(description="jobs by status, of every model sharing the job store (with --broker: "
+                                             "the base model and its fine-tuned versions together)")
+    queue_depth: int = Field(description="jobs of this model waiting for one of its workers")
+    workers: int = Field(description="live inference workers of this model (heartbeats); 1 for the in-process queue")
     shared_queue: bool = Field(description="jobs go through a broker to medseg worker processes")
     max_queued: int
     max_voxels: int
