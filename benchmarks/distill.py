@@ -156,71 +156,93 @@ def gain_and_kept(result: dict) -> tuple[float, list[tuple[str, float]]]:
     return gain, kept if gain > 0 else []
 
 
-def student_stage(result: dict, sets: list[str], teacher_tta: str) -> None:
-    """One more student of the saved ensemble (same budget, same training cases) with ``sets`` (e.g. another
-    ``distill.weight``/``distill.temperature``): trained, scored on the same test cases, added as a model row. The
-    teacher's targets are read from the first student's cache when the key matches (same teacher, TTA, grid)."""
-    import shutil
-
-    from medseg.engine.distill import distill
-
-    name, work = result["dataset"], Path(result["work"])
-    pool, test = split_pool_test(name, work)
-    tag = "student " + " ".join(x.removeprefix("distill.") for x in sets)
-    out = work / name / tag.replace(" ", "_").replace("=", "")
-    first = work / name / "student" / "teacher_targets"
-    if first.is_dir() and not (out / "teacher_targets").exists():
-        shutil.copytree(first, out / "teacher_targets")
-    ensemble = next(row for label, row in result["models"].items() if label.startswith("ensemble") and "+" not in label)
-    student = distill(ensemble["bundle"], pool, out, max_minutes=None, teacher_tta=teacher_tta,
-                      device="cpu", progress=False, overrides=sets)
-    mean, sd = test_dice(student.bundle, test, "none")
-    result["models"][tag] = {"bundle": str(student.bundle), "tta": "none", "passes": 1, "dice": mean, "dice_sd": sd,
-                             "targets_computed": student.targets_computed}
-    print(f"{name:11s} {tag:16s} passes   1  test Dice {mean:.4f} ± {sd:.4f}", flush=True)
+def _ensemble_row(result: dict) -> dict:
+    return next(row for label, row in result["models"].items() if label.startswith("ensemble") and "+" not in label)
 
 
-def seeds_stage(result: dict, seeds: list[int], teacher_tta: str, epochs: int) -> None:
-    """Run-to-run spread: the single model (the same fold, split and budget) and the student retrained with other
-    ``train.seed`` values, each scored on the same test cases; ``result["seeds"]`` gets a row per seed. Another seed
-    changes the initial decoder weights, the patch draws and the augmentation; the split and the teacher stay."""
-    import shutil
-
+def train_single(result: dict, sets: list[str], out_name: str) -> Path:
+    """Another single model like the ensemble's fold member (same fold, split file, budget) with config ``sets``
+    (e.g. another ``train.seed`` or ``train.epochs``); returns its bundle."""
+    from medseg.bundle import load_bundle
     from medseg.config import load_config
     from medseg.engine.cv import fold_config
-    from medseg.engine.distill import distill
     from medseg.engine.train import train
 
     name, work = result["dataset"], Path(result["work"])
-    pool, test = split_pool_test(name, work)
+    pool, _ = split_pool_test(name, work)
     config, _, budget = DATASETS[name]
-    ensemble = next(row for label, row in result["models"].items() if label.startswith("ensemble") and "+" not in label)
+    ensemble = _ensemble_row(result)
     cv = Path(ensemble["bundle"]).parent
-    from medseg.bundle import load_bundle
-
     fold = load_bundle(ensemble["bundle"]).config.data.fold
-    single_label = next(label for label in result["models"] if label.startswith("single"))
-    student_label = next(label for label in result["models"] if label.startswith("student") and "=" not in label)
+    epochs = load_bundle(ensemble["bundle"]).config.train.epochs
+    cfg = load_config(REPO / config, [f"data.root={pool}", *budget, f"train.epochs={epochs}", *COMMON, *sets,
+                                        f"name={name}-{out_name}"])
+    return train(fold_config(cfg, 5, fold, cv / "splits.json"), work / name / out_name, progress=False).bundle
+
+
+def train_student(result: dict, sets: list[str], out_name: str, teacher_tta: str):
+    """Another student of the saved ensemble (same training cases and budget) with config ``sets``. The teacher's
+    targets are read from the first student's cache (same teacher, TTA and grid: the key matches)."""
+    import shutil
+
+    from medseg.engine.distill import distill
+
+    name, work = result["dataset"], Path(result["work"])
+    pool, _ = split_pool_test(name, work)
+    out = work / name / out_name
+    first_student = next(row for label, row in result["models"].items() if label.startswith("student"))
+    first = Path(first_student["bundle"]).parent / "teacher_targets"
+    if first.is_dir() and not (out / "teacher_targets").exists():
+        shutil.copytree(first, out / "teacher_targets")
+    return distill(_ensemble_row(result)["bundle"], pool, out, max_minutes=None, teacher_tta=teacher_tta,
+                   device="cpu", progress=False, overrides=sets)
+
+
+def _tag(kind: str, sets: list[str]) -> str:
+    return f"{kind} " + " ".join(x.removeprefix("distill.") for x in sets)
+
+
+def student_stage(result: dict, sets: list[str], teacher_tta: str) -> None:
+    """One more student with ``sets`` (e.g. another ``distill.weight``/``distill.temperature``, or
+    ``train.epochs``): trained, scored on the same test cases, added as a model row."""
+    tag = _tag("student", sets)
+    student = train_student(result, sets, tag.replace(" ", "_").replace("=", ""), teacher_tta)
+    _, test = split_pool_test(result["dataset"], Path(result["work"]))
+    mean, sd = test_dice(student.bundle, test, "none")
+    result["models"][tag] = {"bundle": str(student.bundle), "tta": "none", "passes": 1, "dice": mean, "dice_sd": sd,
+                             "targets_computed": student.targets_computed}
+    print(f"{result['dataset']:11s} {tag:16s} passes   1  test Dice {mean:.4f} ± {sd:.4f}", flush=True)
+
+
+def single_stage(result: dict, sets: list[str]) -> None:
+    """One more single model with ``sets`` (e.g. ``train.epochs=48``: what the student's extra training would give
+    the single model), added as a model row."""
+    tag = _tag("single", sets)
+    bundle = train_single(result, sets, tag.replace(" ", "_").replace("=", ""))
+    _, test = split_pool_test(result["dataset"], Path(result["work"]))
+    mean, sd = test_dice(bundle, test, "none")
+    result["models"][tag] = {"bundle": str(bundle), "tta": "none", "passes": 1, "dice": mean, "dice_sd": sd}
+    print(f"{result['dataset']:11s} {tag:16s} passes   1  test Dice {mean:.4f} ± {sd:.4f}", flush=True)
+
+
+def seeds_stage(result: dict, seeds: list[int], teacher_tta: str) -> None:
+    """Run-to-run spread: the single model (the same fold, split and budget) and the student retrained with other
+    ``train.seed`` values, each scored on the same test cases; ``result["seeds"]`` gets a row per seed. Another seed
+    changes the initial decoder weights, the patch draws and the augmentation; the split and the teacher stay."""
+    _, test = split_pool_test(result["dataset"], Path(result["work"]))
+    models = result["models"]
     rows = result.setdefault("seeds", {})
-    rows.setdefault("42", {"single": result["models"][single_label]["dice"],
-                           "student": result["models"][student_label]["dice"]})
+    rows.setdefault("42", {"single": next(row["dice"] for label, row in models.items() if label.startswith("single")),
+                           "student": models["student"]["dice"]})
     for seed in seeds:
         if str(seed) in rows:
             continue
-        cfg = load_config(REPO / config, [f"data.root={pool}", *budget, f"train.epochs={epochs}", *COMMON,
-                                            f"train.seed={seed}", f"name={name}-single-seed{seed}"])
-        single = train(fold_config(cfg, 5, fold, cv / "splits.json"), work / name / f"single_seed{seed}",
-                       progress=False)
-        out = work / name / f"student_seed{seed}"
-        first = work / name / "student" / "teacher_targets"
-        if first.is_dir() and not (out / "teacher_targets").exists():
-            shutil.copytree(first, out / "teacher_targets")
-        student = distill(ensemble["bundle"], pool, out, max_minutes=None, teacher_tta=teacher_tta, device="cpu",
-                          progress=False, overrides=[f"train.seed={seed}"])
-        rows[str(seed)] = {"single": test_dice(single.bundle, test, "none")[0],
+        single = train_single(result, [f"train.seed={seed}"], f"single_seed{seed}")
+        student = train_student(result, [f"train.seed={seed}"], f"student_seed{seed}", teacher_tta)
+        rows[str(seed)] = {"single": test_dice(single, test, "none")[0],
                            "student": test_dice(student.bundle, test, "none")[0]}
-        print(f"{name:11s} seed {seed}: single {rows[str(seed)]['single']:.4f}, student {rows[str(seed)]['student']:.4f}",
-              flush=True)
+        print(f"{result['dataset']:11s} seed {seed}: single {rows[str(seed)]['single']:.4f}, "
+              f"student {rows[str(seed)]['student']:.4f}", flush=True)
 
 
 def time_stage(result: dict, n_images: int) -> None:
@@ -282,7 +304,9 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("train", "student", "seeds", "time", "table"), default="train")
+    parser.add_argument("--stage", choices=("train", "student", "single", "seeds", "time", "table"), default="train")
+    parser.add_argument("--single-set", nargs="+", default=["train.epochs=48"],
+                        help="--stage single: config overrides of the extra single model")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="--stage seeds: train.seed values")
     parser.add_argument("--student-set", nargs="+", default=["distill.weight=0.5", "distill.temperature=1.0"],
                         help="--stage student: config overrides of the extra student")
@@ -314,7 +338,9 @@ def main() -> None:
         elif args.stage == "student":
             student_stage(saved[key], args.student_set, args.teacher_tta)
         elif args.stage == "seeds":
-            seeds_stage(saved[key], args.seeds, args.teacher_tta, args.epochs)
+            seeds_stage(saved[key], args.seeds, args.teacher_tta)
+        elif args.stage == "single":
+            single_stage(saved[key], args.single_set)
         elif args.stage == "time":
             time_stage(saved[key], args.time_images)
         # Re-read before writing: the datasets may run as parallel processes sharing the file.
