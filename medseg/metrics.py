@@ -108,17 +108,14 @@ def object_metrics(pred_mask: np.ndarray, gt_instances: np.ndarray, iou_match: f
 
 def panoptic_quality(pred_instances: np.ndarray, gt_instances: np.ndarray) -> float:
     """Panoptic Quality of one class of objects from two instance maps (0 = background): MONAI's
-    `PanopticQualityMetric`, which takes (instance map, class map) channel pairs. 1.0 when both are empty."""
+    `compute_panoptic_quality` (matching at IoU > 0.5, SQ × RQ), which `PanopticQualityMetric` applies per class.
+    The function, not the cumulative metric: that one all-gathers its buffers whenever torch.distributed is up, and at
+    the end of a DDP run only rank 0 scores the shipped model (the other ranks would never answer). 1.0 when both are
+    empty."""
     import torch
-    from monai.metrics import PanopticQualityMetric
+    from monai.metrics import compute_panoptic_quality
 
     pred, gt = np.asarray(pred_instances).astype(np.int64), np.asarray(gt_instances).astype(np.int64)
     if not pred.any() and not gt.any():
         return 1.0
-
-    def panoptic(instances: np.ndarray) -> torch.Tensor:  # (1, 2, *spatial): instance ids, class map
-        return torch.from_numpy(np.stack([instances, (instances > 0).astype(np.int64)]))[None]
-
-    metric = PanopticQualityMetric(num_classes=1, metric_name="pq")
-    metric(panoptic(pred), panoptic(gt))
-    return float(metric.aggregate().reshape(-1)[0])
+    return float(compute_panoptic_quality(torch.from_numpy(pred), torch.from_numpy(gt), metric_name="pq", remap=True))

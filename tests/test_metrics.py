@@ -59,3 +59,15 @@ def test_panoptic_quality_matches_hand_computation() -> None:
     assert metrics["pq"] == pytest.approx(0.8 * 0.5, abs=1e-5)
     assert object_metrics(gt > 0, gt)["pq"] == pytest.approx(1.0, abs=1e-5)
     assert panoptic_quality(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
+
+
+def test_panoptic_quality_does_not_talk_to_other_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the end of a DDP run only rank 0 scores the shipped model; a metric that all-gathers its buffers would wait
+    for, or crash on, ranks that are not scoring (MONAI's cumulative metrics do when torch.distributed is up)."""
+    import torch.distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as in a DDP run, without peers
+    gt = np.zeros((40, 40), np.int32)
+    gt[0:10, 0:10], gt[20:30, 20:30] = 1, 2
+    assert panoptic_quality(gt, gt) == pytest.approx(1.0, abs=1e-5)
+    assert object_metrics(gt > 0, gt)["pq"] == pytest.approx(1.0, abs=1e-5)
