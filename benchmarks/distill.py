@@ -141,7 +141,7 @@ def train_stage(name: str, work: Path, teacher_tta: str, epochs: int, smoke: boo
         mean, sd = test_dice(bundle, test, tta)
         out["models"][label] = {"bundle": str(bundle), "tta": tta, "passes": passes, "dice": mean, "dice_sd": sd}
         print(f"{name:11s} {label:16s} passes {passes:3d}  test Dice {mean:.4f} ± {sd:.4f}", flush=True)
-    gain, kept = gain_and_kept(out)
+    _, kept = gain_and_kept(out)
     out["kept_share_of_gain"] = kept[0][1] if kept else None
     return out
 
@@ -173,11 +173,11 @@ def train_single(result: dict, sets: list[str], out_name: str) -> Path:
     config, _, budget = DATASETS[name]
     ensemble = _ensemble_row(result)
     cv = Path(ensemble["bundle"]).parent
-    fold = load_bundle(ensemble["bundle"]).config.data.fold
-    epochs = load_bundle(ensemble["bundle"]).config.train.epochs
-    cfg = load_config(REPO / config, [f"data.root={pool}", *budget, f"train.epochs={epochs}", *COMMON, *sets,
-                                        f"name={name}-{out_name}"])
-    return train(fold_config(cfg, 5, fold, cv / "splits.json"), work / name / out_name, progress=False).bundle
+    teacher = load_bundle(ensemble["bundle"]).config
+    cfg = load_config(REPO / config, [f"data.root={pool}", *budget, f"train.epochs={teacher.train.epochs}", *COMMON,
+                                        *sets, f"name={name}-{out_name}"])
+    return train(fold_config(cfg, 5, teacher.data.fold, cv / "splits.json"), work / name / out_name,
+                 progress=False).bundle
 
 
 def train_student(result: dict, sets: list[str], out_name: str, teacher_tta: str):

@@ -33,7 +33,6 @@ from medseg.engine.evaluate import evaluate_cases
 from medseg.engine.train import train
 from medseg.inference import Predictor
 from medseg.io import read_scan
-from medseg.metrics import object_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/datasets/dsb2018_nuclei"
@@ -50,14 +49,12 @@ def is_gray(path: Path) -> bool:
 
 
 def score(predictor: Predictor, cfg, stems: list[str]) -> dict[str, float]:
-    """Dice through medseg's one evaluation loop (`evaluate_cases`), AJI and PQ of the same predictions."""
+    """Dice, AJI and PQ of the same predictions, through medseg's one evaluation loop (`evaluate_cases`)."""
     cases = [Case(stem, DATA / "images" / f"{stem}.png", DATA / "masks" / f"{stem}.png",
                   DATA / "instances" / f"{stem}.png") for stem in stems]
-    objects: list[dict[str, float]] = []
-    evaluation = evaluate_cases(predictor, cases, cfg, hd95=False, on_case=lambda case, _scan, pred, _target:
-                                objects.append(object_metrics(pred.mask, read_scan(case.instances).array)))
-    return {"dice": evaluation.mean_dice, "aji": float(np.mean([o["aji"] for o in objects])),
-            "pq": float(np.mean([o["pq"] for o in objects])), "n": evaluation.n_cases}
+    evaluation = evaluate_cases(predictor, cases, cfg, hd95=False)
+    objects = evaluation.object_summary
+    return {"dice": evaluation.mean_dice, "aji": objects["aji"][0], "pq": objects["pq"][0], "n": evaluation.n_cases}
 
 
 def main() -> None:

@@ -388,7 +388,7 @@ def evaluate(
 ) -> None:
     """Per-case, per-label Dice and HD95 (MONAI) on a dataset split, and AJI / Panoptic Quality / object F1 where the
     data has instance maps (data.instances_dir); prints tables, writes a CSV."""
-    from medseg.engine.evaluate import evaluate_bundle
+    from medseg.engine.evaluate import OBJECT_METRIC_NAMES, evaluate_bundle
 
     try:
         result = evaluate_bundle(bundle, data, split, device)
@@ -407,13 +407,12 @@ def evaluate(
     if result.objects:
         objects = Table(title=f"objects (connected components of the foreground vs the instance maps), "
                               f"{len(result.objects)} cases")
-        for col in ("case", "AJI", "PQ", "object F1", "fused", "objects"):
+        for col in ("case", *OBJECT_METRIC_NAMES.values(), "fused", "objects"):
             objects.add_column(col)
         for o in result.objects:
-            objects.add_row(o["case"], f"{o['aji']:.4f}", f"{o['pq']:.4f}", f"{o['object_f1']:.4f}", str(o["fused"]),
-                            str(o["objects"]))
+            objects.add_row(o["case"], *(f"{o[k]:.4f}" for k in OBJECT_METRIC_NAMES), str(o["fused"]), str(o["objects"]))
         means = result.object_summary
-        objects.add_row("[b]mean ± sd[/b]", *(f"{means[k][0]:.4f} ± {means[k][1]:.4f}" for k in ("aji", "pq", "object_f1")),
+        objects.add_row("[b]mean ± sd[/b]", *(f"{means[k][0]:.4f} ± {means[k][1]:.4f}" for k in OBJECT_METRIC_NAMES),
                         str(sum(o["fused"] for o in result.objects)), str(sum(o["objects"] for o in result.objects)))
         Console().print(objects)
     by_case = {o["case"]: {k: v for k, v in o.items() if k != "case"} for o in result.objects}

@@ -25,13 +25,15 @@ from medseg.io import read_mask, read_scan
 from medseg.metrics import object_metrics, per_label_metrics
 
 log = logging.getLogger("medseg")
+# The per-case object metrics `Evaluation.object_summary` averages, and how reports name them.
+OBJECT_METRIC_NAMES = {"aji": "AJI", "pq": "PQ", "object_f1": "object F1"}
 
 
 @dataclass
 class Evaluation:
     """``rows``: one per case and foreground label ``{case, label, dice, iou[, hd95]}``; ``summary``: label name ->
     (mean, sd) Dice over cases; ``mean_dice``: mean over labels of the per-label means; ``failed``: one line per
-    case that could not be scored; ``objects``: one per case with an instance map ``{case, aji, pq, object_f1,
+    case that could not be scored, or whose objects could not (its Dice is kept); ``objects``: one per case with an instance map ``{case, aji, pq, object_f1,
     fused, objects, components}`` (the predicted foreground's connected components against the instance map)."""
 
     rows: list[dict[str, Any]]
@@ -43,7 +45,7 @@ class Evaluation:
     def object_summary(self) -> dict[str, tuple[float, float]]:
         """Metric -> (mean, sd) over the cases with an instance map (AJI, PQ, object F1); empty without any."""
         return {k: (float(np.mean([o[k] for o in self.objects])), float(np.std([o[k] for o in self.objects])))
-                for k in ("aji", "pq", "object_f1") if self.objects}
+                for k in OBJECT_METRIC_NAMES if self.objects}
 
     @property
     def mean_dice(self) -> float:
@@ -93,18 +95,16 @@ def evaluate_cases(
         if case.instances is not None:
             try:
                 instances = read_mask(case.instances).array
-            except MedsegError as e:
+                if instances.shape != pred.mask.shape:
+                    raise DatasetError(f"{case.instances.name}: instance map {instances.shape} differs from the "
+                                       f"image's grid {pred.mask.shape}")
+            except MedsegError as e:  # the case keeps its Dice
                 failed.append(f"objects not scored: {e}")
                 log.warning("objects not scored: %s", e)
             else:
-                if instances.shape != pred.mask.shape:
-                    failed.append(f"objects not scored: {case.instances.name}: instance map {instances.shape} differs "
-                                  f"from the image's grid {pred.mask.shape}")
-                else:
-                    om = object_metrics(pred.mask, instances)
-                    objects.append({"case": case.id, "aji": om["aji"], "pq": om["pq"], "object_f1": om["f1"],
-                                    "fused": int(om["merged"]), "objects": int(om["n_gt"]),
-                                    "components": int(om["n_pred"])})
+                om = object_metrics(pred.mask, instances)
+                objects.append({"case": case.id, "aji": om["aji"], "pq": om["pq"], "object_f1": om["f1"],
+                                "fused": int(om["merged"]), "objects": int(om["n_gt"]), "components": int(om["n_pred"])})
         if on_case is not None:
             on_case(case, scan, pred, target)
     summary = {}

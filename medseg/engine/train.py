@@ -48,6 +48,7 @@ from medseg.engine.cached_features import attach_feature_cache
 from medseg.engine.callbacks import LearningCurves, SnapshotEnsemble, read_snapshots
 from medseg.engine.checkpointing import AtomicCheckpointIO, ResumableRandomState
 from medseg.engine.diagnose import Finding, diagnose_curves
+from medseg.engine.evaluate import OBJECT_METRIC_NAMES
 from medseg.engine.module import SegModule
 from medseg.errors import ConfigError, DatasetError
 from medseg.models.pretrained import load_checkpoint
@@ -552,8 +553,8 @@ def _finish(cfg: ExperimentConfig, out_dir: Path, setup: _RunSetup, trainer: L.T
         shipped, per_label, objects = _score_members(cfg, members, setup.val_cases)
         metrics = {f"val Dice {name} (shipped model, {len(setup.val_cases)} cases)": v for name, v in per_label.items()}
         metrics["val Dice (foreground mean, shipped model)"] = shipped
-        for name, value in objects.items():  # cases with instance maps (data.instances_dir)
-            metrics[f"val {name} (shipped model, connected components vs instance maps)"] = value
+        for key, value in objects.items():  # cases with instance maps (data.instances_dir)
+            metrics[f"val {OBJECT_METRIC_NAMES[key]} (shipped model, connected components vs instance maps)"] = value
         if math.isfinite(best_dice):
             metrics["val Dice (best checkpoint during training, validation subset, model grid)"] = best_dice
         plan = ("\n## Plan\n" + "\n".join(f"- `{k}` = {v}: {why}" for k, v, why in setup.plan_rows) + "\n"
@@ -591,9 +592,8 @@ def _score_members(cfg: ExperimentConfig, members: dict[str, dict[str, torch.Ten
     predictor = Predictor([build_member(cfg, state) for state in members.values()], cfg,
                           device="cuda" if cfg.train.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
     result = evaluate_cases(predictor, val_cases, cfg, hd95=False)
-    names = {"aji": "AJI", "pq": "PQ", "object_f1": "object F1"}
     return (result.mean_dice, {name: mean for name, (mean, _) in result.summary.items()},
-            {names[k]: mean for k, (mean, _) in result.object_summary.items()})
+            {key: mean for key, (mean, _) in result.object_summary.items()})
 
 
 def _record_result(out_dir: Path, shipped: float, best: float, trainer: L.Trainer, seconds: float,
@@ -601,7 +601,7 @@ def _record_result(out_dir: Path, shipped: float, best: float, trainer: L.Traine
     path = out_dir / "run_info.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
     info["result"] = {"val_dice_shipped": shipped, "val_cases": n_val, "val_dice_best_checkpoint": best,
-                      **{f"val_{k.lower().replace(' ', '_')}_shipped": v for k, v in objects.items()},
+                      **{f"val_{key}_shipped": v for key, v in objects.items()},
                       "epochs": trainer.current_epoch,
                       "global_step": trainer.global_step, "seconds": round(seconds, 1), "left_out": left_out}
     guard = next((c for c in trainer.callbacks if isinstance(c, BudgetGuard)), None)

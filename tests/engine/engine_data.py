@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 from PIL import Image
 
@@ -45,3 +46,15 @@ TINY_OVERRIDES = [
     "model.decoder_channels=[32, 16, 8, 8, 8]", "train.batch_size=4", "train.samples_per_epoch=8",
     "train.warmup_epochs=0", "augment.preset=none", "inference.tile_size=[64, 64]", "train.lr=0.003",
 ]
+
+
+class StopAfterEpoch(L.Callback):
+    """Stops a run after validating ``epoch``, as an interruption would (its checkpoint is written): the resume tests
+    then continue it with ``train(..., resume=True)``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True

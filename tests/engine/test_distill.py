@@ -84,10 +84,8 @@ def test_a_student_with_another_encoder_learns_from_the_teachers_targets(teacher
     student, parent = load_bundle(out / "bundle"), load_bundle(teacher)
     assert student.config.model.encoder == "tu-test_efficientnet" != parent.config.model.encoder
     assert student.preprocessing["distillation"]["teacher_weights_hash"] == parent.weights_hash
-    n_student = sum(v.numel() for v in torch.load(student.member_files[0], map_location="cpu", weights_only=True).values()
-                    if torch.is_tensor(v))
-    n_teacher = sum(v.numel() for v in torch.load(parent.member_files[0], map_location="cpu", weights_only=True).values()
-                    if torch.is_tensor(v))
+    n_student, n_teacher = (sum(t.numel() for t in next(iter(b.load_members().values())).values())
+                            for b in (student, parent))
     assert n_student < n_teacher
     scan = read_scan(sorted((tiny_data / "images").iterdir())[0])
     assert Predictor.from_bundle(out / "bundle", device="cpu").predict_scan(scan).mask.shape == scan.spatial_shape

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from engine_data import StopAfterEpoch
 from safetensors.torch import load_file
 from timm.layers import DropPath
 
@@ -87,13 +88,6 @@ def test_swa_member_has_batchnorm_statistics_recomputed_for_the_averaged_weights
         assert torch.allclose(model.state_dict()[var], swa[var], rtol=1e-4, atol=1e-5), var
 
 
-class _StopAfterFirstEpoch(L.Callback):
-    """Simulates an interruption: the run ends after epoch 0 (its checkpoint is written, nothing more)."""
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.should_stop = True
-
-
 class _RecordStart(L.Callback):
     """Records the first epoch that trains, and the optimizer's state when training starts."""
 
@@ -113,7 +107,7 @@ class _RecordStart(L.Callback):
 
 def test_resume_continues_at_the_same_epoch_with_the_same_optimizer_state(tiny_cfg, tmp_path: Path) -> None:
     cfg = tiny_cfg("train.epochs=2")
-    first = train(cfg, tmp_path, progress=False, extra_callbacks=[_StopAfterFirstEpoch()])
+    first = train(cfg, tmp_path, progress=False, extra_callbacks=[StopAfterEpoch(0)])
     assert first.epochs_run == 1 and first.global_step == 2
     saved = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
     assert saved["epoch"] == 0 and saved["global_step"] == 2

@@ -7,9 +7,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from engine_data import StopAfterEpoch
 
 from medseg.engine.checkpointing import AtomicCheckpointIO
 from medseg.engine.train import build_dataloaders, load_cases, split_cases, train
@@ -20,14 +20,6 @@ from medseg.engine.train import build_dataloaders, load_cases, split_cases, trai
 RANDOM_TRAINING = ("train.epochs=3", "augment.preset=default", "data.patch_size=[48, 48]", "train.deterministic=true",
                    "augment.mixup=0.4", "augment.cutmix=0.4")
 
-
-class _StopAfterEpoch(L.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -42,7 +34,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tiny_cfg, tmp_path: Path) -> None:
     cfg = tiny_cfg(*RANDOM_TRAINING)
     train(cfg, tmp_path / "straight", progress=False)
-    train(cfg, tmp_path / "resumed", progress=False, extra_callbacks=[_StopAfterEpoch(0)])
+    train(cfg, tmp_path / "resumed", progress=False, extra_callbacks=[StopAfterEpoch(0)])
     assert [r["epoch"] for r in _rows(tmp_path / "resumed")] == ["0.0"]
     train(cfg, tmp_path / "resumed", resume=True, progress=False)
 
@@ -56,7 +48,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tiny_cfg, tmp_
 def test_resume_drops_learning_curve_rows_written_after_the_checkpoint(tiny_cfg, tmp_path: Path) -> None:
     # A kill between "row written" and "checkpoint written" leaves metrics.csv one epoch ahead of last.ckpt.
     cfg = tiny_cfg("train.epochs=2")
-    train(cfg, tmp_path, progress=False, extra_callbacks=[_StopAfterEpoch(0)])
+    train(cfg, tmp_path, progress=False, extra_callbacks=[StopAfterEpoch(0)])
     with open(tmp_path / "metrics.csv", "a") as f:
         f.write("1.0,9.9,9.9,0.123,0.001\n")  # the interrupted run's epoch 1, its checkpoint never written
     train(cfg, tmp_path, resume=True, progress=False)

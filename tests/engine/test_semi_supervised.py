@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from engine_data import REPO, TINY_OVERRIDES, make_tiny_dataset
+from engine_data import REPO, TINY_OVERRIDES, StopAfterEpoch, make_tiny_dataset
 from typer.testing import CliRunner
 
 from medseg.cli import app
@@ -182,14 +182,6 @@ class _PseudoBatches(L.Callback):
         self.per_epoch[trainer.current_epoch] = self.per_epoch.get(trainer.current_epoch, 0) + hit
 
 
-class _StopAfterEpoch(L.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
 
 def test_a_run_resumed_at_a_round_start_trains_on_that_rounds_labels(partly_labeled: Path, tmp_path: Path) -> None:
     """Interrupted after the warm-up epoch and resumed: the round that starts the resumed run's first epoch is
@@ -199,7 +191,7 @@ def test_a_run_resumed_at_a_round_start_trains_on_that_rounds_labels(partly_labe
     cfg = _cfg(partly_labeled, "train.epochs=2", "train.unlabeled.enabled=true", "train.unlabeled.rounds=1",
                "train.unlabeled.confidence=0.999", "train.unlabeled.share=0.9", "data.num_workers=1")
     out = tmp_path / "resumed"
-    train(cfg, out, progress=False, extra_callbacks=[_StopAfterEpoch(0)])
+    train(cfg, out, progress=False, extra_callbacks=[StopAfterEpoch(0)])
     assert not (out / "pseudo_labels").exists()  # interrupted before the round
     resumed = _PseudoBatches()
     train(cfg, out, resume=True, progress=False, extra_callbacks=[resumed])
